@@ -1,0 +1,3 @@
+from floodd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,506 @@
+"""The one place where floodd's YAML configuration is loaded, defaulted and validated.
+
+Every other module receives the frozen dataclasses defined here and never reads
+YAML itself.  Every rejected value raises :class:`ConfigError` naming the file,
+the key path (``rules[1].threshold``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, TypeVar
+
+import yaml
+
+from floodd.errors import ConfigError
+from floodd.qtypes import qtype_code, qtype_name
+
+DEFAULT_PATH = "/etc/floodd/floodd.yaml"
+BUILTIN = "built-in defaults"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A rule's "match": every query, malformed packets only, or one query type.
+MATCH_ALL = "all"
+MATCH_MALFORMED = "malformed"
+
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*([smhd]?)\s*)+$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``2.5``, ``"90s"``, ``"10m"``, ``"1h30m"`` or ``"2d"``.
+
+    Raises ValueError for anything else, zero and negative values included.
+    """
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and _DURATION_RE.match(value):
+        seconds = sum(
+            float(num) * _UNIT_SECONDS[unit] for num, unit in _DURATION_PART_RE.findall(value)
+        )
+    else:
+        raise ValueError(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(value)
+    return seconds
+
+
+def parse_network(value: str) -> Network:
+    """An address or CIDR prefix (``192.0.2.7``, ``198.51.100.0/24``, ``2001:db8::/32``).
+
+    Host bits must be zero: ``192.0.2.7/24`` is refused as a likely typo.
+    """
+    return ipaddress.ip_network(value.strip(), strict=True)
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    interfaces: tuple[str, ...] = ("any",)
+    ports: tuple[int, ...] = (53,)
+    protocols: tuple[str, ...] = ("udp", "tcp")
+    bpf_filter: str = ""
+    snaplen: int = 512
+    buffer_size_mb: int = 32
+    batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class RateTableConfig:
+    window: float = 60.0
+    bucket: float = 1.0
+    capacity: int = 100_000
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: str = MATCH_ALL
+    aggregate: str = "source"
+    prefix_v4: int = 24
+    prefix_v6: int = 64
+    threshold: int = 5000
+    window: float = 10.0
+    ban_time: float = 600.0
+    action: str = "ban"
+    # Rotating-source guard: the rule only applies while the total count of
+    # matching packets from all sources in the window is above this.
+    total_threshold: int | None = None
+
+    @property
+    def qtype(self) -> int | None:
+        """The query type this rule counts, or None for ``all``/``malformed``."""
+        if self.match in (MATCH_ALL, MATCH_MALFORMED):
+            return None
+        return qtype_code(self.match)
+
+
+@dataclass(frozen=True)
+class FirewallConfig:
+    backend: str = "auto"
+    scope: str = "dns"
+    max_bans: int = 10_000
+    rescan_interval: float = 60.0
+    stale_after: float = 300.0
+    extend_active: bool = True
+    escalation_factor: float = 2.0
+    max_ban_time: float = 86_400.0
+    on_exit: str = "keep"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    tick: float = 1.0
+    summary_interval: float = 60.0
+    log_level: str = "info"
+    control_socket: str = "/run/floodd/control.sock"
+    state_dir: str = "/var/lib/floodd"
+
+
+DEFAULT_WHITELIST = ("127.0.0.0/8", "::1/128")
+
+DEFAULT_RULES: tuple[dict[str, Any], ...] = (
+    {"name": "query-flood", "match": "all", "aggregate": "source", "threshold": 5000,
+     "window": 10, "ban_time": 600, "action": "ban"},
+    {"name": "any-queries", "match": "ANY", "aggregate": "source", "threshold": 4,
+     "window": 60, "ban_time": 3600, "action": "ban"},
+    {"name": "prefix-flood", "match": "all", "aggregate": "prefix", "prefix_v4": 24,
+     "prefix_v6": 64, "threshold": 20000, "window": 10, "ban_time": 600, "action": "ban"},
+    {"name": "rotating-any", "match": "ANY", "aggregate": "source", "threshold": 1,
+     "window": 10, "ban_time": 600, "action": "ban", "total_threshold": 1000},
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = BUILTIN
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    rate_table: RateTableConfig = field(default_factory=RateTableConfig)
+    whitelist: tuple[Network, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    firewall: FirewallConfig = field(default_factory=FirewallConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything but ``source``, as plain data (for comparison and display)."""
+        out = as_plain(self)
+        assert isinstance(out, dict)
+        out.pop("source")
+        return out
+
+
+def as_plain(value: Any) -> Any:
+    """Dataclasses, tuples and networks turned into dicts, lists and strings."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: as_plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [as_plain(v) for v in value]
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(value)
+    return value
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Typed reads from one mapping of the YAML, remembering the key path for errors."""
+
+    def __init__(self, source: str, path: str, data: object) -> None:
+        self.source = source
+        self.path = path
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(source, path or "(top level)",
+                              f"expected a mapping of keys, got {_show(data)}")
+        self.data: dict[Any, Any] = data
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, expected: str, value: object) -> ConfigError:
+        return ConfigError(self.source, self.key_path(key), f"expected {expected}, got {_show(value)}")
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise ConfigError(self.source, self.key_path(str(key)),
+                                  f"unknown key (known keys here: {known})")
+
+    def get(self, key: str, default: T, convert: Callable[[object], T], expected: str) -> T:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        try:
+            return convert(value)
+        except (ValueError, TypeError):
+            raise self.fail(key, expected, value) from None
+
+    def int(self, key: str, default: int, lo: int = 1, hi: int = 2**31) -> int:
+        what = "a positive integer" if lo == 1 and hi == 2**31 else f"an integer from {lo} to {hi}"
+
+        def conv(v: object) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(v)
+            return v
+        return self.get(key, default, conv, what)
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        def conv(v: object) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise ValueError(v)
+            return float(v)
+        return self.get(key, default, conv, f"a number from {lo:g} to {hi:g}")
+
+    def duration(self, key: str, default: float, hi: float = 365 * 86400.0) -> float:
+        def conv(v: object) -> float:
+            seconds = parse_duration(v)
+            if seconds > hi:
+                raise ValueError(v)
+            return seconds
+        return self.get(key, default, conv,
+                        f"a duration such as 30, '90s', '10m' or '1h' (at most {hi:g} s)")
+
+    def boolean(self, key: str, default: bool) -> bool:
+        def conv(v: object) -> bool:
+            if not isinstance(v, bool):
+                raise ValueError(v)
+            return v
+        return self.get(key, default, conv, "true or false")
+
+    def string(self, key: str, default: str, allow_empty: bool = False) -> str:
+        def conv(v: object) -> str:
+            if not isinstance(v, str) or (not allow_empty and not v.strip()):
+                raise ValueError(v)
+            return v
+        return self.get(key, default, conv, "a string" if allow_empty else "a non-empty string")
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        def conv(v: object) -> str:
+            if not isinstance(v, str) or v.lower() not in choices:
+                raise ValueError(v)
+            return v.lower()
+        return self.get(key, default, conv, "one of " + ", ".join(choices))
+
+    def items(self, key: str, default: tuple[T, ...], convert: Callable[[object], T],
+              expected: str, allow_empty: bool = False) -> tuple[T, ...]:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected is accepted
+        if not isinstance(value, list):
+            raise self.fail(key, f"a list of {expected}", value)
+        if not value and not allow_empty:
+            raise self.fail(key, f"a non-empty list of {expected}", value)
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(convert(item))
+            except (ValueError, TypeError):
+                raise ConfigError(self.source, f"{self.key_path(key)}[{i}]",
+                                  f"expected {expected}, got {_show(item)}") from None
+        return tuple(out)
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.source, self.key_path(key), self.data.get(key))
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return type(value).__name__ if not value else repr(value)[:60]
+    return repr(value)
+
+
+def _port(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ValueError(v)
+    return v
+
+
+def _protocol(v: object) -> str:
+    if not isinstance(v, str) or v.lower() not in ("udp", "tcp"):
+        raise ValueError(v)
+    return v.lower()
+
+
+def _interface(v: object) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", v):
+        raise ValueError(v)
+    return v
+
+
+def _network(v: object) -> Network:
+    if not isinstance(v, str):
+        raise ValueError(v)
+    return parse_network(v)
+
+
+def _match(v: object) -> str:
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        raise ValueError(v)
+    text = str(v).strip()
+    if text.lower() in (MATCH_ALL, MATCH_MALFORMED):
+        return text.lower()
+    return qtype_name(qtype_code(text))  # canonical spelling: "any" -> "ANY"
+
+
+_RULE_KEYS = {f.name for f in fields(Rule)}
+
+
+def _rule(source: str, index: int, data: object, table: RateTableConfig) -> Rule:
+    sec = _Section(source, f"rules[{index}]", data)
+    sec.check_keys(_RULE_KEYS)
+    if "name" not in sec.data:
+        raise ConfigError(source, sec.key_path("name"), "every rule needs a name")
+    rule = Rule(
+        name=sec.string("name", ""),
+        match=sec.get("match", MATCH_ALL, _match,
+                      "'all', 'malformed' or a query type such as A, AAAA, ANY or TYPE65399"),
+        aggregate=sec.choice("aggregate", "source", ("source", "prefix")),
+        prefix_v4=sec.int("prefix_v4", 24, 8, 32),
+        prefix_v6=sec.int("prefix_v6", 64, 16, 128),
+        threshold=sec.int("threshold", 5000),
+        window=sec.duration("window", 10.0),
+        ban_time=sec.duration("ban_time", 600.0),
+        action=sec.choice("action", "ban", ("ban", "warn")),
+        total_threshold=sec.get("total_threshold", None, _optional_positive_int,
+                                "a positive integer or null"),
+    )
+    if rule.window > table.window:
+        raise ConfigError(source, sec.key_path("window"),
+                          f"expected at most rate_table.window ({table.window:g} s), "
+                          f"got {rule.window:g}")
+    if not _is_multiple(rule.window, table.bucket):
+        raise ConfigError(source, sec.key_path("window"),
+                          f"expected a multiple of rate_table.bucket ({table.bucket:g} s), "
+                          f"got {rule.window:g}")
+    if rule.total_threshold is not None and rule.total_threshold <= rule.threshold:
+        raise ConfigError(source, sec.key_path("total_threshold"),
+                          f"expected more than threshold ({rule.threshold}), "
+                          f"got {rule.total_threshold}")
+    return rule
+
+
+def _optional_positive_int(v: object) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(v)
+    return v
+
+
+def _is_multiple(value: float, step: float) -> bool:
+    ratio = value / step
+    return abs(ratio - round(ratio)) < 1e-9
+
+
+_TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "daemon"}
+
+
+def build_config(data: object, source: str = BUILTIN) -> Config:
+    """Validate plain data (as parsed from YAML) into a Config, applying defaults."""
+    top = _Section(source, "", data)
+    top.check_keys(_TOP_KEYS)
+
+    cap = top.section("capture")
+    cap.check_keys({f.name for f in fields(CaptureConfig)})
+    d_cap = CaptureConfig()
+    capture = CaptureConfig(
+        interfaces=cap.items("interfaces", d_cap.interfaces, _interface,
+                             "an interface name such as eth0 or any"),
+        ports=cap.items("ports", d_cap.ports, _port, "a port number from 1 to 65535"),
+        protocols=cap.items("protocols", d_cap.protocols, _protocol, "udp or tcp"),
+        bpf_filter=cap.string("bpf_filter", d_cap.bpf_filter, allow_empty=True).strip(),
+        snaplen=cap.int("snaplen", d_cap.snaplen, 96, 65535),
+        buffer_size_mb=cap.int("buffer_size_mb", d_cap.buffer_size_mb, 1, 4096),
+        batch_size=cap.int("batch_size", d_cap.batch_size, 1, 65536),
+    )
+
+    rt = top.section("rate_table")
+    rt.check_keys({f.name for f in fields(RateTableConfig)})
+    d_rt = RateTableConfig()
+    rate_table = RateTableConfig(
+        window=rt.duration("window", d_rt.window, hi=3600.0),
+        bucket=rt.duration("bucket", d_rt.bucket, hi=60.0),
+        capacity=rt.int("capacity", d_rt.capacity, 100, 10_000_000),
+    )
+    if not _is_multiple(rate_table.window, rate_table.bucket):
+        raise ConfigError(source, "rate_table.window",
+                          f"expected a multiple of rate_table.bucket ({rate_table.bucket:g} s), "
+                          f"got {rate_table.window:g}")
+
+    whitelist = top.items("whitelist", tuple(parse_network(n) for n in DEFAULT_WHITELIST),
+                          _network, "an address or CIDR prefix such as 192.0.2.0/24",
+                          allow_empty=True)
+
+    raw_rules = top.data.get("rules", list(DEFAULT_RULES))
+    if not isinstance(raw_rules, list):
+        raise top.fail("rules", "a list of rules", raw_rules)
+    rules = tuple(_rule(source, i, r, rate_table) for i, r in enumerate(raw_rules))
+    seen: set[str] = set()
+    for i, rule in enumerate(rules):
+        if rule.name in seen:
+            raise ConfigError(source, f"rules[{i}].name",
+                              f"expected a unique rule name, got {rule.name!r} again")
+        seen.add(rule.name)
+
+    fw = top.section("firewall")
+    fw.check_keys({f.name for f in fields(FirewallConfig)})
+    d_fw = FirewallConfig()
+    firewall = FirewallConfig(
+        backend=fw.choice("backend", d_fw.backend, ("auto", "nftables", "iptables", "dry-run")),
+        scope=fw.choice("scope", d_fw.scope, ("dns", "all")),
+        max_bans=fw.int("max_bans", d_fw.max_bans, 1, 1_000_000),
+        rescan_interval=fw.duration("rescan_interval", d_fw.rescan_interval, hi=86400.0),
+        stale_after=fw.duration("stale_after", d_fw.stale_after),
+        extend_active=fw.boolean("extend_active", d_fw.extend_active),
+        escalation_factor=fw.number("escalation_factor", d_fw.escalation_factor, 1.0, 100.0),
+        max_ban_time=fw.duration("max_ban_time", d_fw.max_ban_time),
+        on_exit=fw.choice("on_exit", d_fw.on_exit, ("keep", "flush")),
+    )
+
+    dm = top.section("daemon")
+    dm.check_keys({f.name for f in fields(DaemonConfig)})
+    d_dm = DaemonConfig()
+    daemon = DaemonConfig(
+        tick=dm.duration("tick", d_dm.tick, hi=60.0),
+        summary_interval=dm.duration("summary_interval", d_dm.summary_interval, hi=86400.0),
+        log_level=dm.choice("log_level", d_dm.log_level, ("debug", "info", "warning", "error")),
+        control_socket=dm.string("control_socket", d_dm.control_socket),
+        state_dir=dm.string("state_dir", d_dm.state_dir),
+    )
+    return Config(source=source, capture=capture, rate_table=rate_table, whitelist=whitelist,
+                  rules=rules, firewall=firewall, daemon=daemon)
+
+
+def default_config() -> Config:
+    return build_config({})
+
+
+def load_config(path: str | None) -> Config:
+    """Load ``path``; ``None`` means the default path, or the built-in defaults if absent."""
+    if path is None:
+        if not os.path.exists(DEFAULT_PATH):
+            return default_config()
+        path = DEFAULT_PATH
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(path, where, f"not valid YAML: {problem}") from None
+    return build_config(data, source=path)
+
+
+def summary(config: Config) -> list[str]:
+    """Human-readable lines describing the effective configuration."""
+    c = config
+    lines = [
+        f"config: {c.source}",
+        f"capture: interfaces {', '.join(c.capture.interfaces)}; "
+        f"{'/'.join(c.capture.protocols)} to port(s) {', '.join(map(str, c.capture.ports))}"
+        + (f"; extra filter: {c.capture.bpf_filter}" if c.capture.bpf_filter else ""),
+        f"rate table: window {c.rate_table.window:g} s in {c.rate_table.bucket:g} s buckets, "
+        f"capacity {c.rate_table.capacity} keys",
+        "whitelist: " + (", ".join(str(n) for n in c.whitelist) or "(empty)")
+        + " (plus this host's own addresses)",
+        f"rules: {len(c.rules)}",
+    ]
+    for r in c.rules:
+        per = "source" if r.aggregate == "source" else f"/{r.prefix_v4} (v4), /{r.prefix_v6} (v6)"
+        guard = (f", while all sources together send more than {r.total_threshold}"
+                 if r.total_threshold else "")
+        lines.append(f"  {r.name}: {r.action} a {per} sending more than {r.threshold} "
+                     f"{'queries' if r.match == MATCH_ALL else r.match + ' packets' if r.match == MATCH_MALFORMED else r.match + ' queries'}"
+                     f" in {r.window:g} s{guard}; ban {r.ban_time:g} s")
+    f = c.firewall
+    lines += [
+        f"firewall: backend {f.backend}, scope {f.scope}, max {f.max_bans} bans, "
+        f"rescan every {f.rescan_interval:g} s, stale after {f.stale_after:g} s, "
+        f"escalation x{f.escalation_factor:g} up to {f.max_ban_time:g} s, on exit {f.on_exit}",
+        f"daemon: tick {c.daemon.tick:g} s, log level {c.daemon.log_level}, "
+        f"control socket {c.daemon.control_socket}, state in {c.daemon.state_dir}",
+    ]
+    return lines
