@@ -346,6 +346,9 @@ def _rule(source: str, index: int, data: object, table: RateTableConfig) -> Rule
         raise ConfigError(source, sec.key_path("window"),
                           f"expected a multiple of rate_table.bucket ({table.bucket:g} s), "
                           f"got {rule.window:g}")
+    if rule.aggregate == "prefix" and rule.match != MATCH_ALL:
+        raise ConfigError(source, sec.key_path("match"),
+                          f"expected 'all' for a rule with aggregate: prefix, got {rule.match!r}")
     if rule.total_threshold is not None and rule.total_threshold <= rule.threshold:
         raise ConfigError(source, sec.key_path("total_threshold"),
                           f"expected more than threshold ({rule.threshold}), "

@@ -1,0 +1,196 @@
+"""Rate-table stage: turns parsed batches into the sliding-window counts the rules read.
+
+Keys are bytes, cheap to slice from the packet and to hash:
+  * source:         the packed address (4 bytes IPv4, 16 bytes IPv6);
+  * prefix:         the packed address cut to the rule's prefix length (see
+                    :func:`prefix_key`), one table per (v4, v6) prefix-length pair;
+  * source + qtype: the packed address followed by the qtype as 2 bytes, for the
+                    query types some rule matches (``malformed`` is the pseudo
+                    type ``MALFORMED_QTYPE``).
+Per batch the work is a C-level ``Counter`` over the records, then one table
+update per distinct key, so a flood from few sources costs almost nothing per
+packet and a spoofed flood costs one dict update per packet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Callable, Iterable
+
+from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Rule
+from floodd.parse import F_MALFORMED, Batch, Record
+from floodd.ratetable import RateTable
+
+# Not a real qtype (those are 0..65535): marks malformed packets in the qtype tables.
+MALFORMED_QTYPE = 0x1_0000
+_QT_BYTES = 3  # bytes used for the qtype suffix of a source+qtype key
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_src = itemgetter(1)
+_qtype = itemgetter(3)
+
+
+def prefix_key(src: bytes, v4: int, v6: int) -> bytes:
+    """A family byte (4 or 6) and the address cut to /v4 or /v6, host bits zeroed.
+
+    198.51.100.7 with v4=24 -> b'\\x04\\xc6\\x33\\x64'.
+    """
+    if len(src) == 4:
+        family, bits = b"\x04", v4
+    else:
+        family, bits = b"\x06", v6
+    whole, rest = divmod(bits, 8)
+    if not rest:
+        return family + src[:whole]
+    mask = (0xFF << (8 - rest)) & 0xFF
+    return family + src[:whole] + bytes((src[whole] & mask,))
+
+
+def address_network(src: bytes) -> Network:
+    """The /32 or /128 of a packed source address."""
+    return ipaddress.ip_network(ipaddress.ip_address(src))
+
+
+def prefix_network(key: bytes, v4: int, v6: int) -> Network:
+    """The network a :func:`prefix_key` stands for."""
+    if key[0] == 4:
+        return ipaddress.ip_network((key[1:] + bytes(5 - len(key)), v4))
+    return ipaddress.ip_network((key[1:] + bytes(17 - len(key)), v6))
+
+
+def qtype_key(src: bytes, qtype: int) -> bytes:
+    return src + qtype.to_bytes(_QT_BYTES, "big")
+
+
+def split_qtype_key(key: bytes) -> tuple[bytes, int]:
+    return key[:-_QT_BYTES], int.from_bytes(key[-_QT_BYTES:], "big")
+
+
+def rule_qtype(rule: Rule) -> int | None:
+    """The qtype code a rule counts by (the pseudo type for malformed), or None for all."""
+    if rule.match == MATCH_ALL:
+        return None
+    if rule.match == MATCH_MALFORMED:
+        return MALFORMED_QTYPE
+    return rule.qtype
+
+
+@dataclass(frozen=True)
+class TrafficTotals:
+    """Capture-wide counts since start (for reports and status)."""
+
+    packets: int
+    malformed: int
+    first_ts: float | None
+    last_ts: float | None
+
+
+class Traffic:
+    """All sliding-window tables floodd's rules need, fed batch by batch."""
+
+    def __init__(self, config: Config, track_peak: bool = False) -> None:
+        rt = config.rate_table
+        self.bucket = rt.bucket
+        self.sources: RateTable[bytes] = RateTable(rt.window, rt.bucket, rt.capacity,
+                                                   track_peak=track_peak)
+        self.prefixes: dict[tuple[int, int], RateTable[bytes]] = {}
+        self.watched_qtypes: set[int] = set()
+        for rule in config.rules:
+            if rule.aggregate == "prefix":
+                self.prefixes.setdefault((rule.prefix_v4, rule.prefix_v6),
+                                         RateTable(rt.window, rt.bucket, rt.capacity))
+            qt = rule_qtype(rule)
+            if qt is not None:
+                self.watched_qtypes.add(qt)
+        self.by_qtype: RateTable[bytes] = RateTable(rt.window, rt.bucket, rt.capacity)
+        # Every qtype's all-source total: at most 65,537 keys, so never pruned.
+        self.qtype_totals: RateTable[int] = RateTable(rt.window, rt.bucket, 70_000)
+        self.packets = 0
+        self.malformed = 0
+        self.qtype_counts: Counter[int] = Counter()
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        # Called with the last timestamp of a bucket just before the first packet of
+        # a later bucket is counted: an offline reader evaluates its rules there.
+        self.on_bucket_end: Callable[[float], None] | None = None
+
+    def add_batch(self, batch: Batch, skip: Iterable[bytes] = ()) -> None:
+        """Count a batch; sources in ``skip`` (already banned) are counted only in totals."""
+        records = batch.records
+        if not records:
+            return
+        bucket = self.bucket
+        if self.first_ts is None:
+            self.first_ts = records[0][0]
+        elif self.on_bucket_end is not None and self.last_ts is not None and \
+                records[0][0] // bucket != self.last_ts // bucket:
+            self.on_bucket_end(self.last_ts)
+        if records[0][0] // bucket == records[-1][0] // bucket:
+            self._add_bucket(records[-1][0], records, skip)
+        else:
+            # A batch spanning buckets (slow traffic, offline files): split it.
+            start = 0
+            current = records[0][0] // bucket
+            for i, rec in enumerate(records):
+                b = rec[0] // bucket
+                if b != current:
+                    self._add_bucket(records[i - 1][0], records[start:i], skip)
+                    if self.on_bucket_end is not None:
+                        self.on_bucket_end(records[i - 1][0])
+                    start, current = i, b
+            self._add_bucket(records[-1][0], records[start:], skip)
+        self.last_ts = records[-1][0]
+
+    def _add_bucket(self, now: float, records: list[Record], skip: Iterable[bytes]) -> None:
+        self.packets += len(records)
+        qtypes = Counter(map(_qtype, records))
+        malformed = [r[1] for r in records if r[5] & F_MALFORMED]
+        if malformed:
+            self.malformed += len(malformed)
+            qtypes[MALFORMED_QTYPE] = len(malformed)
+        self.qtype_counts.update(qtypes)
+        self.qtype_totals.add_counts(now, qtypes)
+        sources = Counter(map(_src, records))
+        for banned in skip:
+            sources.pop(banned, None)
+        if not sources:
+            return
+        self.sources.add_counts(now, sources)
+        for (v4, v6), table in self.prefixes.items():
+            prefixes: Counter[bytes] = Counter()
+            for src, n in sources.items():
+                prefixes[prefix_key(src, v4, v6)] += n
+            table.add_counts(now, prefixes)
+        watched = self.watched_qtypes
+        if watched and not watched.isdisjoint(qtypes):
+            pairs: Counter[bytes] = Counter()
+            for rec in records:
+                qt = rec[3]
+                if qt in watched and rec[1] in sources:
+                    pairs[qtype_key(rec[1], qt)] += 1
+            if MALFORMED_QTYPE in watched:
+                for src in malformed:
+                    if src in sources:
+                        pairs[qtype_key(src, MALFORMED_QTYPE)] += 1
+            self.by_qtype.add_counts(now, pairs)
+
+    def totals(self) -> TrafficTotals:
+        return TrafficTotals(self.packets, self.malformed, self.first_ts, self.last_ts)
+
+    def table_for(self, rule: Rule) -> RateTable[bytes]:
+        if rule.aggregate == "prefix":
+            return self.prefixes[(rule.prefix_v4, rule.prefix_v6)]
+        if rule_qtype(rule) is not None:
+            return self.by_qtype
+        return self.sources
+
+    def rule_total(self, now: float, rule: Rule) -> int:
+        """All sources' matching packets in the rule's window (for rotating-source guards)."""
+        qt = rule_qtype(rule)
+        if qt is None:
+            return self.sources.total(now, rule.window)
+        return self.qtype_totals.count(now, qt, rule.window)
