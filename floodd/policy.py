@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 from floodd.config import Rule
 from floodd.traffic import Traffic, address_network, prefix_network, rule_qtype, split_qtype_key
@@ -54,3 +54,74 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule]) -> list[Trigge
                                     rule.ban_time))
     return triggers
 
+
+
+@dataclass(frozen=True)
+class Offence:
+    """A network's ban history, for escalating repeat offenders."""
+
+    count: int  # bans so far
+    last: float  # unix time of the latest ban
+
+
+@dataclass(frozen=True)
+class Refusal:
+    trigger: Trigger
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do this tick: bans to install (with their ban time), warnings, refusals."""
+
+    bans: list[tuple[Trigger, float]]
+    warnings: list[Trigger]
+    refused: list[Refusal]
+
+
+def ban_time(trigger: Trigger, offence: Offence | None, now: float, factor: float,
+             cap: float) -> float:
+    """The rule's ban time, times ``factor`` per earlier ban still remembered, capped.
+
+    An offence is forgotten once ``cap`` seconds have passed since its last ban.
+    """
+    if offence is None or now - offence.last > cap:
+        return min(trigger.ban_time, cap)
+    return min(trigger.ban_time * factor ** offence.count, cap)
+
+
+def plan(now: float, triggers: Sequence[Trigger], banned: Sequence[Network],
+         protected: Callable[[Network], str | None], max_bans: int,
+         offences: Mapping[Network, Offence], factor: float, cap: float) -> Plan:
+    """Turn triggers into bans, safely.
+
+    Invariants: a protected network (whitelist, own addresses, loopback) is never
+    banned; a network already covered by a ban is not banned again; the number of
+    bans never exceeds ``max_bans`` (the highest rates are banned first); one
+    network is banned once per tick even if several rules fire.
+    """
+    bans: list[tuple[Trigger, float]] = []
+    warnings: list[Trigger] = []
+    refused: list[Refusal] = []
+    current = set(banned)
+    prefixes = [n for n in banned if n.prefixlen < n.max_prefixlen]
+    room = max_bans - len(current)
+    for trig in sorted(triggers, key=lambda t: -t.rate):
+        if trig.action == "warn":
+            warnings.append(trig)
+            continue
+        net = trig.network
+        if net in current or any(net.version == p.version and net.subnet_of(p)  # type: ignore[arg-type]
+                                 for p in prefixes):
+            continue
+        reason = protected(net)
+        if reason is not None:
+            refused.append(Refusal(trig, reason))
+            continue
+        if room <= 0:
+            refused.append(Refusal(trig, f"max_bans ({max_bans}) reached"))
+            continue
+        bans.append((trig, ban_time(trig, offences.get(net), now, factor, cap)))
+        current.add(net)
+        room -= 1
+    return Plan(bans, warnings, refused)

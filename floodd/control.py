@@ -1,0 +1,216 @@
+"""The control socket: a unix stream socket (mode 0600) speaking one JSON line each way.
+
+Request: ``{"cmd": "status"}`` (or ``top``, ``bans``, ``ban``, ``unban`` with
+their arguments).  Reply: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+One request per connection.  The CLI's ``status``, ``top``, ``bans``, ``ban`` and
+``unban`` use it when the daemon runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import socket
+import stat
+import threading
+from typing import Any, Callable
+
+from floodd.errors import FlooddError
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+MAX_REQUEST = 64 * 1024
+
+
+class NotRunning(FlooddError):
+    """No daemon listens on the control socket."""
+
+
+def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Send one request to the daemon; NotRunning if none listens, FlooddError on refusal."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotRunning(f"floodd is not running (no daemon on {path})") from None
+        except PermissionError:
+            raise FlooddError(f"cannot open the control socket {path}: permission denied "
+                              "(it is root's only)") from None
+        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        raise FlooddError(f"floodd did not answer on {path} within {timeout:g} s") from None
+    except OSError as exc:
+        raise FlooddError(f"control socket {path}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    try:
+        reply: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise FlooddError(f"floodd sent an unreadable reply on {path}") from None
+    if not reply.get("ok"):
+        raise FlooddError(str(reply.get("error", "request refused")))
+    return reply
+
+
+class ControlServer:
+    """Accepts requests in a thread of its own and answers them with ``handler``."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # the socket is created 0600: root only
+        try:
+            sock.bind(self.path)
+        except OSError as exc:
+            sock.close()
+            raise FlooddError(f"cannot create the control socket {self.path}: "
+                              f"{exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        sock.settimeout(0.5)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="floodd-control", daemon=True)
+        self._thread.start()
+
+    def _remove_stale(self) -> None:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise FlooddError(f"{self.path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                os.unlink(self.path)  # left behind by a floodd that died
+                return
+            raise FlooddError(f"control socket {self.path}: {exc.strerror}") from None
+        finally:
+            probe.close()
+        raise FlooddError(f"another floodd is already running (it answers on {self.path})")
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._closing:
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(5.0)
+        try:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+            try:
+                req = json.loads(data)
+                if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                    raise ValueError
+            except ValueError:
+                reply: dict[str, Any] = {"ok": False, "error": "bad request"}
+            else:
+                try:
+                    reply = self.handler(req)
+                except FlooddError as exc:
+                    reply = {"ok": False, "error": str(exc)}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass  # the client went away
+
+    def close(self) -> None:
+        self._closing = True
+        if self._sock is not None:
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    from floodd.cli import config_from_args
+    return config_from_args(args).daemon.control_socket
+
+
+def _status(args: argparse.Namespace) -> int:
+    reply = request(_socket_path(args), "status")
+    if args.json:
+        print(json.dumps(reply, indent=1))
+        return 0
+    print(f"floodd {reply['version']} running for {reply['uptime']:.0f} s "
+          f"(pid {reply['pid']}, firewall backend {reply['backend']}"
+          f"{', dry run' if reply['dry_run'] else ''})")
+    print(f"capture: {', '.join(reply['interfaces'])}: {reply['pps']:.0f} packets/s, "
+          f"{reply['packets']} packets, {reply['kernel_drops']} kernel drops")
+    print(f"bans: {reply['bans']} (max {reply['max_bans']})")
+    _print_top(reply["top"])
+    return 0
+
+
+def _print_top(top: list[dict[str, Any]]) -> None:
+    if not top:
+        print("no traffic in the window")
+        return
+    print(f"{'packets':>10} {'per s':>9}  source")
+    for row in top:
+        banned = "  (banned)" if row.get("banned") else ""
+        print(f"{row['packets']:>10} {row['rate']:>9.1f}  {row['source']}{banned}")
+
+
+def _top(args: argparse.Namespace) -> int:
+    reply = request(_socket_path(args), "top", n=args.n)
+    if args.json:
+        print(json.dumps(reply["top"], indent=1))
+    else:
+        _print_top(reply["top"])
+    return 0
+
+
+def register(sub: Any) -> None:
+    from floodd.cli import add_config_option
+
+    p = sub.add_parser("status", help="what the running daemon sees and does",
+                       description="Ask the running floodd for its uptime, firewall backend, "
+                                   "capture rate, kernel drops, ban count and top sources.")
+    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    add_config_option(p)
+    p.set_defaults(handler=_status)
+    p = sub.add_parser("top", help="the busiest sources right now",
+                       description="The sources sending the most queries in the rate "
+                                   "table's window, from the running floodd.")
+    p.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_config_option(p)
+    p.set_defaults(handler=_top)
