@@ -12,7 +12,6 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any, TextIO
 
 from floodd.capture import OfflineCapture
@@ -21,12 +20,12 @@ from floodd.parse import F_MALFORMED, Batch
 from floodd.policy import Trigger, evaluate
 from floodd.qtypes import qtype_name
 from floodd.ratetable import RateTable
-from floodd.traffic import (MALFORMED_QTYPE, Traffic, address_network, prefix_key,
+from floodd.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
+                            prefix_key,
                             prefix_network, qtype_key, split_qtype_key)
 
 # One bucket wider than any capture: a RateTable that never slides is a bounded counter.
 _FOREVER = float(2**40)
-_src = itemgetter(1)
 
 
 def qtype_label(code: int) -> str:
@@ -82,7 +81,7 @@ class Analyzer:
         if not records:
             return
         self.traffic.add_batch(batch)
-        sources = Counter(map(_src, records))
+        sources, _ = packet_sources(records)
         self.lifetime.add_counts(0.0, sources)
         prefixes: Counter[bytes] = Counter()
         for src, n in sources.items():
@@ -166,9 +165,9 @@ def analyze_file(path: str, config: Config, top: int = 10,
 def format_report(rep: Report) -> str:
     lines = [
         f"capture: {rep.file}",
-        f"  {rep.total} queries to the DNS port(s) in {rep.frames} frames over "
-        f"{rep.duration:.3f} s ({rep.pps:.1f} queries/s); {rep.malformed} malformed; "
-        f"{rep.ignored} frames were not queries",
+        f"  {rep.total} packets to the DNS port(s) in {rep.frames} frames over "
+        f"{rep.duration:.3f} s ({rep.pps:.1f}/s); {rep.malformed} malformed; "
+        f"{rep.ignored} frames were not queries to it",
         "query types: " + (", ".join(f"{k} {v}" for k, v in rep.qtypes.items()) or "none"),
         "",
         f"{'packets':>10} {'peak/s':>9}  source and query types",

@@ -21,7 +21,7 @@ from operator import itemgetter
 from typing import Callable, Iterable
 
 from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Rule
-from floodd.parse import F_MALFORMED, Batch, Record
+from floodd.parse import F_EXTRA, F_MALFORMED, Batch, Record
 from floodd.ratetable import RateTable
 
 # Not a real qtype (those are 0..65535): marks malformed packets in the qtype tables.
@@ -77,6 +77,22 @@ def rule_qtype(rule: Rule) -> int | None:
     if rule.match == MATCH_MALFORMED:
         return MALFORMED_QTYPE
     return rule.qtype
+
+
+def packet_sources(records: list[Record]) -> tuple[Counter[bytes], list[Record]]:
+    """Packets per source, and the records that carry any flag.
+
+    Records flagged F_EXTRA (further DNS messages in one TCP segment) are queries
+    but not packets, so they are left out of the per-source packet counts.
+    """
+    sources = Counter(map(_src, records))
+    flagged = [r for r in records if r[5]]
+    extra = False
+    for rec in flagged:
+        if rec[5] & F_EXTRA:
+            sources[rec[1]] -= 1
+            extra = True
+    return (+sources if extra else sources), flagged
 
 
 @dataclass(frozen=True)
@@ -146,15 +162,15 @@ class Traffic:
         self.last_ts = records[-1][0]
 
     def _add_bucket(self, now: float, records: list[Record], skip: Iterable[bytes]) -> None:
-        self.packets += len(records)
         qtypes = Counter(map(_qtype, records))
-        malformed = [r[1] for r in records if r[5] & F_MALFORMED]
+        sources, flagged = packet_sources(records)
+        malformed = [r[1] for r in flagged if r[5] & F_MALFORMED]
+        self.packets += sources.total()
         if malformed:
             self.malformed += len(malformed)
             qtypes[MALFORMED_QTYPE] = len(malformed)
         self.qtype_counts.update(qtypes)
         self.qtype_totals.add_counts(now, qtypes)
-        sources = Counter(map(_src, records))
         for banned in skip:
             sources.pop(banned, None)
         if not sources:

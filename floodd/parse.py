@@ -1,0 +1,611 @@
+"""Parse stage: libpcap frames -> one small record per DNS packet, keyed by its source.
+
+A record is a plain tuple, for speed on the per-packet path::
+
+    (ts, src, proto, qtype, qname, flags)
+
+``ts`` capture time (float seconds), ``src`` the packed source address (4 bytes
+IPv4, 16 bytes IPv6), ``proto`` 17 (UDP) or 6 (TCP), ``qtype`` the type of the
+first question or -1 when there is none, ``qname`` the question name in DNS wire
+format (uncompressed, ending in the root label) or None, ``flags`` a combination
+of the ``F_*`` bits.
+
+Counting rules:
+
+* Only packets *to* one of the DNS ports are counted; everything else (responses
+  leaving the server, ARP, other ports) is ``ignored``.  Frames a Linux cooked
+  capture marks as sent by this host are ignored too.
+* A packet to a DNS port that is not a well-formed query start is ``F_MALFORMED``
+  with qtype -1: payload shorter than the 12-byte header, qdcount 0, a question
+  name that runs off the end or is longer than 255 bytes, a reserved label type,
+  a compression pointer that does not point strictly before the run of labels it
+  ends (so no loop can form), a question without its type and class.  A *response* (QR=1) arriving at a DNS port is counted for
+  its source as malformed as well: it is not a query, and a response flood aimed
+  at the server's port is an attack too.
+* The DNS payload ends where the IP datagram ends (the UDP length field is not
+  trusted).  A frame cut before the destination port can be read is ignored; one
+  cut later is a malformed record for its source.
+* IP fragments (IPv4 and the IPv6 fragment header) are reassembled with bounded
+  state; a datagram gives one record, ``F_FRAGMENT``, when its last piece
+  arrives.  Datagrams to a DNS port that never complete (evicted, timed out,
+  :meth:`Parser.flush`) give one ``F_FRAGMENT | F_MALFORMED`` record stamped with
+  the capture time they were given up.  Fragments whose datagram is still unknown
+  are neither records nor ignored.
+* TCP: every segment to a DNS port is one record (SYN, ACK and data alike).  Each
+  direction of a connection that was seen from its SYN is reassembled in order;
+  a segment carries the qtype of the first DNS message it completes, and each
+  further message it completes adds a record flagged ``F_EXTRA``.  So the records
+  without ``F_EXTRA`` are exactly the packets, and the qtypes of all records are
+  exactly the queries.  Segments of a connection whose SYN was not seen, or after
+  out-of-order data (which ends the reassembly of that direction), have qtype -1.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from floodd.errors import FlooddError
+
+F_MALFORMED = 1  # not a well-formed DNS query start
+F_FRAGMENT = 2  # came from an IP fragment (reassembled or not)
+F_EXTRA = 4  # a further DNS message completed by the same TCP segment: not a packet
+
+Record = tuple[float, bytes, int, int, bytes | None, int]
+_Append = Callable[[Record], None]
+
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 12  # DLT_RAW as libpcap reports it on Linux
+LINKTYPE_RAW_FILE = 101  # LINKTYPE_RAW as written in capture files
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276
+
+LINKTYPE_NAMES = {
+    LINKTYPE_ETHERNET: "Ethernet",
+    LINKTYPE_RAW: "raw IP",
+    LINKTYPE_RAW_FILE: "raw IP",
+    LINKTYPE_LINUX_SLL: "Linux cooked (SLL)",
+    LINKTYPE_IPV4: "raw IPv4",
+    LINKTYPE_IPV6: "raw IPv6",
+    LINKTYPE_LINUX_SLL2: "Linux cooked v2 (SLL2)",
+}
+
+UDP = 17
+TCP = 6
+
+ETH_IPV4 = 0x0800
+ETH_IPV6 = 0x86DD
+VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))
+PACKET_OUTGOING = 4  # sll_pkttype of a frame sent by this host
+
+# IPv6 extension headers skipped on the way to UDP/TCP (the fragment header, 44,
+# is handled on its own): hop-by-hop, routing, destination options, AH,
+# mobility, HIP, shim6.
+IPV6_EXT = frozenset((0, 43, 60, 51, 135, 139, 140))
+IPV6_FRAGMENT = 44
+IPV6_AH = 51
+
+MAX_NAME = 255
+# A question that is not malformed lies within the first 12 + 255 + 2 + 4 bytes of
+# a message (labels, then a root label or one pointer, then type and class), so a
+# TCP message's head of this size decides its qtype and malformedness.
+DNS_HEAD = 288
+
+# Fragment reassembly bounds.
+MAX_DATAGRAMS = 4096
+MAX_FRAGMENTS = 128  # per datagram (a 64 KB datagram over a 1500-byte MTU needs 45)
+MAX_FRAGMENT_BYTES = 8 << 20  # all pending datagrams together
+FRAGMENT_TIMEOUT = 30.0
+
+# TCP reassembly bounds (per direction of a connection, a flow).
+MAX_FLOWS = 4096
+FLOW_TIMEOUT = 120.0
+MAX_EXTRA = 64  # F_EXTRA records for one segment; further messages are still skipped
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_META = struct.Struct("IIII")  # pcapy-ng next_batch(): sec, usec, offset, caplen (native)
+_TCP = struct.Struct("!HHIIBB")  # sport, dport, seq, ack, data offset, flags
+
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+
+_MALFORMED: tuple[int, bytes | None, int] = (-1, None, F_MALFORMED)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    records: list[Record]
+    frames: int  # frames examined
+    ignored: int  # frames that are not queries to the DNS ports
+
+
+def question(buf: bytes, dns: int, end: int) -> tuple[int, bytes | None, int]:
+    """(qtype, qname, flags) of the DNS message at ``buf[dns:end]``: flags 0 or F_MALFORMED."""
+    if dns + 12 > end:
+        return _MALFORMED
+    if buf[dns + 2] & 0x80 or not (buf[dns + 4] or buf[dns + 5]):
+        return _MALFORMED  # a response, or no question
+    p = seg = dns + 12
+    after = -1  # where the question continues after the first pointer
+    length = 1  # wire length of the name, root label included
+    labels = []
+    while True:
+        if p >= end:
+            return _MALFORMED
+        n = buf[p]
+        if n == 0:
+            break
+        if n < 0x40:
+            length += n + 1
+            if length > MAX_NAME or p + 1 + n > end:
+                return _MALFORMED
+            labels.append(buf[p:p + 1 + n])
+            p += n + 1
+        elif n >= 0xC0 and p + 1 < end:
+            target = dns + (((n & 0x3F) << 8) | buf[p + 1])
+            if after < 0:
+                after = p + 2
+            # Strictly before the start of the run being read: no loop can form.
+            if target >= seg:
+                return _MALFORMED
+            p = seg = target
+        else:
+            return _MALFORMED  # reserved label type 0x40/0x80, or a cut pointer
+    qend = p + 1 if after < 0 else after
+    if qend + 4 > end:
+        return _MALFORMED
+    labels.append(b"\x00")
+    return (buf[qend] << 8) | buf[qend + 1], b"".join(labels), 0
+
+
+def _skip_ipv6_ext(nh: int, buf: bytes, p: int, end: int) -> tuple[int, int]:
+    """Skip IPv6 extension headers (not the fragment header): (next header, offset).
+
+    Next header -1 when an extension header is cut off.
+    """
+    while nh in IPV6_EXT:
+        if p + 8 > end:
+            return -1, p
+        size = (buf[p + 1] + 2) * 4 if nh == IPV6_AH else (buf[p + 1] + 1) * 8
+        nh = buf[p]
+        p += size
+    return nh, p
+
+
+_Field = tuple[int, str, tuple[object, ...]]  # offset, struct code, accepted values
+_ABSENT: _Field = (-1, "0s", (b"",))  # read as b"", which is always accepted
+_NEVER: _Field = (-1, "0s", ())  # a link type without the IPv4 fast path
+
+
+class _Link:
+    """A link type's UDP/IPv4 fast path.
+
+    ``hot`` reads at once two link-layer fields (``a`` before ``b`` in the frame),
+    the IPv4 header at ``ip`` assumed 20 bytes long, UDP and the DNS header:
+    (a, b, version/IHL, total length, fragment field, protocol, source,
+    destination port, DNS flags, qdcount).
+    """
+
+    def __init__(self, ip: int, a: _Field = _ABSENT, b: _Field = _ABSENT) -> None:
+        fmt = "!"
+        pos = 0
+        for offset, code, _ in (a, b):
+            if offset < 0:
+                fmt += code
+            else:
+                fmt += f"{offset - pos}x{code}"
+                pos = offset + struct.calcsize("!" + code)
+        self.hot = struct.Struct(f"{fmt}{ip - pos}xBxH2xHxB2x4s4x2xH4x2xHH")
+        self.a_ok = frozenset(a[2])
+        self.b_ok = frozenset(b[2])
+        self.ip = ip
+        self.name_off = ip + 20 + 8 + 12
+
+
+_NOT_OUTGOING = (0, 1, 2, 3)  # sll_pkttype: host, broadcast, multicast, other host
+_RAW = _Link(0)
+_LINKS = {
+    LINKTYPE_ETHERNET: _Link(14, b=(12, "H", (ETH_IPV4,))),
+    LINKTYPE_LINUX_SLL: _Link(16, (0, "H", _NOT_OUTGOING), (14, "H", (ETH_IPV4,))),
+    LINKTYPE_LINUX_SLL2: _Link(20, (0, "H", (ETH_IPV4,)), (10, "B", _NOT_OUTGOING)),
+    LINKTYPE_RAW: _RAW,
+    LINKTYPE_RAW_FILE: _RAW,
+    LINKTYPE_IPV4: _RAW,
+    LINKTYPE_IPV6: _Link(0, _NEVER),
+}
+
+
+class _Datagram:
+    """An IP datagram being reassembled from its fragments."""
+
+    __slots__ = ("ts", "src", "proto", "v6", "parts", "size", "total", "dns", "transport")
+
+    def __init__(self, ts: float, src: bytes, proto: int, v6: bool) -> None:
+        self.ts = ts  # capture time of its first fragment seen
+        self.src = src
+        self.proto = proto  # IPv4 protocol, or the next header after the fragment header
+        self.v6 = v6
+        self.parts: dict[int, bytes] = {}  # fragment offset -> payload
+        self.size = 0  # bytes held in parts
+        self.total = -1  # payload length, known once the last fragment is seen
+        self.dns: bool | None = None  # to a DNS port? None until the first fragment
+        self.transport = proto  # UDP or TCP once the first fragment is seen
+
+    def upper(self, payload: bytes) -> tuple[int, int]:
+        """(transport protocol, its offset) in the payload from the datagram's start;
+        protocol -1 when an IPv6 extension header is cut off."""
+        if self.v6:
+            return _skip_ipv6_ext(self.proto, payload, 0, len(payload))
+        return self.proto, 0
+
+
+class _Flow:
+    """One direction of a TCP connection being reassembled (seen from its SYN)."""
+
+    __slots__ = ("ts", "seq", "head", "skip", "pending")
+
+    def __init__(self, ts: float, seq: int) -> None:
+        self.ts = ts  # capture time of its last segment
+        self.seq = seq  # next expected sequence number
+        self.head = b""  # length prefix + head of the current message, up to DNS_HEAD
+        self.skip = 0  # bytes of the current message still to come after its head
+        self.pending: tuple[int, bytes | None, int] = _MALFORMED  # the current message
+
+
+class Parser:
+    """Turns capture batches into records; keeps the fragment and TCP state between them."""
+
+    def __init__(self, linktype: int, ports: Iterable[int] = (53,),
+                 protocols: Iterable[str] = ("udp", "tcp")) -> None:
+        link = _LINKS.get(linktype)
+        if link is None:
+            known = ", ".join(f"{name} ({code})" for code, name in sorted(LINKTYPE_NAMES.items()))
+            raise FlooddError(f"unsupported link type {linktype} (supported: {known})")
+        self.linktype = linktype
+        self._link = link
+        protos = {p.lower() for p in protocols}
+        ports = frozenset(ports)
+        self._udp_ports = ports if "udp" in protos else frozenset()
+        self._tcp_ports = ports if "tcp" in protos else frozenset()
+        transports = {UDP} if self._udp_ports else set()
+        transports |= {TCP} if self._tcp_ports else set()
+        # Fragments worth holding: the next header after an IPv6 fragment header
+        # may be an extension header in front of UDP/TCP.
+        self._fragment_protos = (frozenset(transports), frozenset(transports | IPV6_EXT))
+        self._datagrams: dict[tuple[bytes, bytes, int, int], _Datagram] = {}
+        self._fragment_bytes = 0
+        self._flows: dict[tuple[bytes, bytes, int, int], _Flow] = {}
+        self._now = 0.0  # capture time of the latest frame
+
+    def parse_batch(self, data: bytes, meta: bytes) -> Batch:
+        """Parse a pcapy-ng ``next_batch()`` result: ``meta`` holds 16-byte records
+        (sec, usec, offset, caplen) locating each frame in ``data``."""
+        records: list[Record] = []
+        append = records.append
+        frame = self._frame
+        link = self._link
+        hot = link.hot.unpack_from
+        hot_len = link.hot.size
+        a_ok = link.a_ok
+        b_ok = link.b_ok
+        ip_off = link.ip
+        name_off = link.name_off
+        ports = self._udp_ports
+        ignored = 0
+        ts = self._now
+        for sec, usec, off, caplen in _META.iter_unpack(meta):
+            ts = sec + usec * 1e-6
+            end = off + caplen
+            if caplen >= hot_len:
+                # The fast path: a query over UDP/IPv4 with a 20-byte header, not a
+                # fragment, whose question name has no compression pointer.  Anything
+                # else goes the general way, which gives the same result.
+                a, b, vhl, totlen, frag, proto, src, dport, dflags, qd = hot(data, off)
+                if (vhl == 0x45 and proto == UDP and dport in ports and a in a_ok
+                        and b in b_ok and not frag & 0x3FFF and not dflags & 0x8000 and qd):
+                    ip_end = off + ip_off + totlen
+                    if totlen < 20 or ip_end > end:
+                        ip_end = end
+                    p = q = off + name_off
+                    stop = q + MAX_NAME if q + MAX_NAME < ip_end else ip_end
+                    while p < stop:
+                        n = data[p]
+                        if n == 0 or n > 63:
+                            break
+                        p += n + 1
+                    if p < stop and not data[p] and p + 5 <= ip_end:
+                        append((ts, src, UDP, (data[p + 1] << 8) | data[p + 2],
+                                data[q:p + 1], 0))
+                        continue
+            if frame(ts, data, off, end, append):
+                ignored += 1
+        self._now = ts
+        self._expire(ts, append)
+        return Batch(records, len(meta) // 16, ignored)
+
+    def parse_frames(self, frames: Iterable[tuple[float, bytes]]) -> Batch:
+        """Parse (timestamp, frame) pairs, e.g. frames built by hand."""
+        data = bytearray()
+        meta = bytearray()
+        for ts, frame in frames:
+            sec = int(ts)
+            meta += _META.pack(sec, round((ts - sec) * 1e6), len(data), len(frame))
+            data += frame
+        return self.parse_batch(bytes(data), bytes(meta))
+
+    def flush(self) -> Batch:
+        """Give up all pending state (end of a capture file): datagrams to a DNS port
+        still missing fragments become malformed records."""
+        records: list[Record] = []
+        for key in list(self._datagrams):
+            self._drop_datagram(key, self._now, records.append)
+        self._flows.clear()
+        return Batch(records, 0, 0)
+
+    # The general path.  Each step returns True when the frame is ignored.
+
+    def _frame(self, ts: float, data: bytes, off: int, end: int,
+               out: _Append) -> bool:
+        lt = self.linktype
+        if lt == LINKTYPE_ETHERNET:
+            if off + 14 > end:
+                return True
+            et = (data[off + 12] << 8) | data[off + 13]
+            p = off + 14
+        elif lt == LINKTYPE_LINUX_SLL:
+            if off + 16 > end or (data[off] << 8 | data[off + 1]) == PACKET_OUTGOING:
+                return True
+            et = (data[off + 14] << 8) | data[off + 15]
+            p = off + 16
+        elif lt == LINKTYPE_LINUX_SLL2:
+            if off + 20 > end or data[off + 10] == PACKET_OUTGOING:
+                return True
+            et = (data[off] << 8) | data[off + 1]
+            p = off + 20
+        else:
+            if off >= end:
+                return True
+            version = data[off] >> 4 if lt in (LINKTYPE_RAW, LINKTYPE_RAW_FILE) else (
+                4 if lt == LINKTYPE_IPV4 else 6)
+            et = ETH_IPV4 if version == 4 else ETH_IPV6 if version == 6 else 0
+            p = off
+        while et in VLAN_TPIDS and p + 4 <= end:
+            et = (data[p + 2] << 8) | data[p + 3]
+            p += 4
+        if et == ETH_IPV4:
+            return self._ipv4(ts, data, p, end, out)
+        if et == ETH_IPV6:
+            return self._ipv6(ts, data, p, end, out)
+        return True
+
+    def _ipv4(self, ts: float, data: bytes, ip: int, end: int, out: _Append) -> bool:
+        if ip + 20 > end or data[ip] >> 4 != 4:
+            return True
+        ihl = (data[ip] & 0x0F) * 4
+        totlen = (data[ip + 2] << 8) | data[ip + 3]
+        if ihl < 20:
+            return True
+        if totlen >= ihl and ip + totlen < end:
+            end = ip + totlen
+        frag = (data[ip + 6] << 8) | data[ip + 7]
+        proto = data[ip + 9]
+        src = data[ip + 12:ip + 16]
+        dst = data[ip + 16:ip + 20]
+        if frag & 0x3FFF:
+            ident = (data[ip + 4] << 8) | data[ip + 5]
+            return self._fragment(ts, src, dst, ident, proto, False, (frag & 0x1FFF) * 8,
+                                  bool(frag & 0x2000), data[ip + ihl:end], out)
+        return self._transport(ts, src, dst, proto, data, ip + ihl, end, 0, out)
+
+    def _ipv6(self, ts: float, data: bytes, ip: int, end: int, out: _Append) -> bool:
+        if ip + 40 > end or data[ip] >> 4 != 6:
+            return True
+        plen = (data[ip + 4] << 8) | data[ip + 5]
+        if plen and ip + 40 + plen < end:
+            end = ip + 40 + plen
+        src = data[ip + 8:ip + 24]
+        dst = data[ip + 24:ip + 40]
+        nh, p = _skip_ipv6_ext(data[ip + 6], data, ip + 40, end)
+        if nh != IPV6_FRAGMENT:
+            return self._transport(ts, src, dst, nh, data, p, end, 0, out)
+        if p + 8 > end:
+            return True
+        nh = data[p]
+        offset = ((data[p + 2] << 8) | data[p + 3]) & 0xFFF8
+        more = bool(data[p + 3] & 1)
+        if not offset and not more:  # an atomic fragment: a whole datagram
+            nh, p = _skip_ipv6_ext(nh, data, p + 8, end)
+            return self._transport(ts, src, dst, nh, data, p, end, 0, out)
+        ident = _U32.unpack_from(data, p + 4)[0]
+        return self._fragment(ts, src, dst, ident, nh, True, offset, more, data[p + 8:end], out)
+
+    def _transport(self, ts: float, src: bytes, dst: bytes, proto: int, data: bytes,
+                   l4: int, end: int, flags: int, out: _Append) -> bool:
+        if l4 + 4 > end:
+            return True
+        dport = (data[l4 + 2] << 8) | data[l4 + 3]
+        if proto == UDP and dport in self._udp_ports:
+            qtype, qname, f = question(data, l4 + 8, end)
+            out((ts, src, UDP, qtype, qname, f | flags))
+            return False
+        if proto == TCP and dport in self._tcp_ports:
+            self._tcp(ts, src, dst, data, l4, end, flags, out)
+            return False
+        return True
+
+    def _classify(self, dgram: _Datagram, payload: bytes) -> bool | None:
+        """Whether a datagram goes to a DNS port, from its payload's start: sets and
+        returns ``dns`` (None when too short to tell), sets ``transport``."""
+        nh, p = dgram.upper(payload)
+        if nh == UDP:
+            ports = self._udp_ports
+        elif nh == TCP:
+            ports = self._tcp_ports
+        else:
+            dgram.dns = None if nh < 0 else False
+            return dgram.dns
+        dgram.transport = nh
+        if p + 4 <= len(payload):
+            dgram.dns = _U16.unpack_from(payload, p + 2)[0] in ports
+        return dgram.dns
+
+    def _fragment(self, ts: float, src: bytes, dst: bytes, ident: int, proto: int, v6: bool,
+                  offset: int, more: bool, payload: bytes, out: _Append) -> bool:
+        if proto not in self._fragment_protos[v6]:
+            return True
+        key = (src, dst, ident, proto)
+        dgram = self._datagrams.get(key)
+        if dgram is None:
+            self._expire(ts, out)
+            while len(self._datagrams) >= MAX_DATAGRAMS:
+                self._drop_datagram(next(iter(self._datagrams)), ts, out)
+            dgram = self._datagrams[key] = _Datagram(ts, src, proto, v6)
+        if dgram.dns is False:
+            return True  # kept without its data, so that its other fragments are ignored
+        if offset == 0 and self._classify(dgram, payload) is False:
+            self._fragment_bytes -= dgram.size
+            dgram.parts.clear()
+            dgram.size = 0
+            return True
+        if not more:
+            dgram.total = offset + len(payload)
+        if len(dgram.parts) >= MAX_FRAGMENTS:
+            self._drop_datagram(key, ts, out)
+            return False
+        old = dgram.parts.get(offset)
+        dgram.parts[offset] = payload
+        grown = len(payload) - (len(old) if old is not None else 0)
+        dgram.size += grown
+        self._fragment_bytes += grown
+        while self._fragment_bytes > MAX_FRAGMENT_BYTES and self._datagrams:
+            self._drop_datagram(next(iter(self._datagrams)), ts, out)
+        if key not in self._datagrams or dgram.total < 0 or dgram.size < dgram.total:
+            return False
+        whole = _reassemble(dgram.parts, dgram.total)
+        if whole is None:
+            return False
+        del self._datagrams[key]
+        self._fragment_bytes -= dgram.size
+        nh, p = dgram.upper(whole)
+        return self._transport(ts, src, dst, nh, whole, p, len(whole), F_FRAGMENT, out)
+
+    def _drop_datagram(self, key: tuple[bytes, bytes, int, int], ts: float,
+                       out: _Append) -> None:
+        dgram = self._datagrams.pop(key)
+        self._fragment_bytes -= dgram.size
+        if dgram.dns:
+            out((ts, dgram.src, dgram.transport, -1, None, F_FRAGMENT | F_MALFORMED))
+
+    def _expire(self, now: float, out: _Append) -> None:
+        """Give up datagrams and TCP flows too old in capture time (oldest first)."""
+        datagrams = self._datagrams
+        while datagrams:
+            key = next(iter(datagrams))
+            if datagrams[key].ts > now - FRAGMENT_TIMEOUT:
+                break
+            self._drop_datagram(key, now, out)
+        flows = self._flows
+        while flows:
+            fkey = next(iter(flows))
+            if flows[fkey].ts > now - FLOW_TIMEOUT:
+                break
+            del flows[fkey]
+
+    def _tcp(self, ts: float, src: bytes, dst: bytes, data: bytes, l4: int, end: int,
+             flags: int, out: _Append) -> None:
+        if l4 + 20 > end:
+            out((ts, src, TCP, -1, None, flags | F_MALFORMED))
+            return
+        sport, dport, seq, _, doff, tcp_flags = _TCP.unpack_from(data, l4)
+        doff = (doff >> 4) * 4
+        if doff < 20 or l4 + doff > end:
+            out((ts, src, TCP, -1, None, flags | F_MALFORMED))
+            return
+        key = (src, dst, sport, dport)
+        flows = self._flows
+        flow = flows.pop(key, None)  # re-inserted last: the dict stays in LRU order
+        if tcp_flags & TCP_SYN:
+            flow = _Flow(ts, (seq + 1) & 0xFFFFFFFF)
+            seq = flow.seq
+        messages: list[tuple[int, bytes | None, int]] = []
+        if flow is not None:
+            flow.ts = ts
+            ahead = (seq - flow.seq) & 0xFFFFFFFF
+            if end > l4 + doff and ahead and ahead < 0x80000000:
+                flow = None  # a gap: this direction can no longer be followed
+            elif end > l4 + doff:
+                behind = (0x100000000 - ahead) & 0xFFFFFFFF  # bytes already seen
+                start = l4 + doff + behind
+                if start < end:
+                    messages = _feed(flow, data[start:end])
+                    flow.seq = (flow.seq + end - start) & 0xFFFFFFFF
+        if flow is not None and not tcp_flags & (TCP_FIN | TCP_RST):
+            flows[key] = flow
+            if len(flows) > MAX_FLOWS:
+                del flows[next(iter(flows))]
+        if not messages:
+            out((ts, src, TCP, -1, None, flags))
+            return
+        qtype, qname, f = messages[0]
+        out((ts, src, TCP, qtype, qname, f | flags))
+        for qtype, qname, f in messages[1:MAX_EXTRA + 1]:
+            out((ts, src, TCP, qtype, qname, f | flags | F_EXTRA))
+
+
+def _feed(flow: _Flow, data: bytes) -> list[tuple[int, bytes | None, int]]:
+    """Append in-order stream bytes; the (qtype, qname, flags) of each DNS message
+    completed, in order (RFC 1035 4.2.2: each message after a 2-byte length)."""
+    done = []
+    i = 0
+    n = len(data)
+    while i < n:
+        if flow.skip:
+            k = min(flow.skip, n - i)
+            flow.skip -= k
+            i += k
+            if not flow.skip:
+                done.append(flow.pending)
+            continue
+        head = flow.head
+        if len(head) < 2:
+            k = min(2 - len(head), n - i)
+            head += data[i:i + k]
+            i += k
+            if len(head) < 2:
+                flow.head = head
+                break
+        size = (head[0] << 8) | head[1]
+        want = 2 + min(size, DNS_HEAD)
+        k = min(want - len(head), n - i)
+        head += data[i:i + k]
+        i += k
+        if len(head) < want:
+            flow.head = head
+            break
+        flow.head = b""
+        flow.pending = question(head, 2, want)
+        flow.skip = size + 2 - want
+        if not flow.skip:
+            done.append(flow.pending)
+    return done
+
+
+def _reassemble(parts: dict[int, bytes], total: int) -> bytes | None:
+    """The datagram payload from its fragments, or None while a hole remains."""
+    pos = 0
+    chunks = []
+    for offset in sorted(parts):
+        if offset > pos:
+            return None
+        chunk = parts[offset]
+        if offset + len(chunk) > pos:
+            chunks.append(chunk[pos - offset:])
+            pos = offset + len(chunk)
+    if pos < total:
+        return None
+    return b"".join(chunks)[:total]

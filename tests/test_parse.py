@@ -1,0 +1,629 @@
+"""floodd.parse: real captures against an independent dpkt count, hand-built frames,
+and property tests (random bytes, truncations, a reference DNS question walker)."""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import dpkt
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from floodd import synth
+from floodd.capture import OfflineCapture
+from floodd.errors import FlooddError
+from floodd.parse import (
+    F_EXTRA,
+    F_FRAGMENT,
+    F_MALFORMED,
+    FRAGMENT_TIMEOUT,
+    MAX_DATAGRAMS,
+    Batch,
+    Parser,
+    Record,
+)
+from floodd.qtypes import qtype_code, qtype_name
+
+PCAPS = Path(__file__).resolve().parents[2] / "shared" / "pcaps"
+EXPECTED = yaml.safe_load((Path(__file__).parent / "data" / "parse_pcaps.yaml").read_text())
+
+CLIENT = "198.51.100.7"
+SERVER = "192.0.2.1"
+CLIENT6 = "2001:db8::7"
+SERVER6 = "2001:db8::53"
+CLIENT_PACKED = bytes([198, 51, 100, 7])
+ETH, RAW, SLL, RAW_FILE, IPV4, IPV6, SLL2 = 1, 12, 113, 101, 228, 229, 276
+
+
+def parse(frames: Iterable[bytes], linktype: int = ETH, **kw: Any) -> Batch:
+    """Frames one second apart through a fresh parser, then its flush."""
+    parser = Parser(linktype, **kw)
+    batch = parser.parse_frames((float(i), f) for i, f in enumerate(frames))
+    rest = parser.flush()
+    return Batch(batch.records + rest.records, batch.frames, batch.ignored)
+
+
+def one(frame: bytes, linktype: int = ETH, **kw: Any) -> Record:
+    batch = parse([frame], linktype, **kw)
+    assert len(batch.records) == 1, batch
+    return batch.records[0]
+
+
+def query(qname: str = "www.example.com", qtype: int | str = "A", txid: int = 7) -> bytes:
+    return synth.dns_query(qname, qtype, txid)
+
+
+def udp4(payload: bytes, sport: int = 40000, dport: int = 53) -> bytes:
+    return synth.udp_datagram(CLIENT, SERVER, payload, sport, dport)
+
+
+def read_file(path: Path, batch_size: int = 7) -> tuple[list[Record], int, int]:
+    """All records of a capture through OfflineCapture (small batches: state crosses them)."""
+    capture = OfflineCapture(str(path), batch_size=batch_size)
+    records: list[Record] = []
+    frames = ignored = 0
+    while (batch := capture.read(0.0)) is not None:
+        records += batch.records
+        frames += batch.frames
+        ignored += batch.ignored
+    capture.close()
+    return records, frames, ignored
+
+
+# ---------------------------------------------------------------------------
+# An independent reference: dpkt for the headers, its own reassembly and its own
+# walk of the question (same rules as SOURCES.md: queries are QR=0 messages to a
+# DNS port; a compression pointer must point before the run it ends).
+
+
+def reference_qtype(msg: bytes) -> int | None:
+    """The first question's type, or None when the message is not a well-formed query."""
+    if len(msg) < 12:
+        return None
+    flags, qdcount = struct.unpack_from("!HH", msg, 2)
+    if flags & 0x8000 or qdcount == 0:
+        return None
+    pos = floor = 12
+    name_len = 1
+    resume = None
+    while pos < len(msg):
+        kind = msg[pos] & 0xC0
+        if kind == 0xC0:
+            if pos + 2 > len(msg):
+                return None
+            target = struct.unpack_from("!H", msg, pos)[0] & 0x3FFF
+            if target >= floor:
+                return None
+            resume = pos + 2 if resume is None else resume
+            pos = floor = target
+        elif kind:
+            return None
+        elif msg[pos] == 0:
+            end = pos + 1 if resume is None else resume
+            return struct.unpack_from("!H", msg, end)[0] if end + 4 <= len(msg) else None
+        else:
+            name_len += msg[pos] + 1
+            pos += msg[pos] + 1
+            if name_len > 255 or pos > len(msg):
+                return None
+    return None
+
+
+@dataclass
+class Reference:
+    packets: Counter[bytes] = field(default_factory=Counter)  # per source
+    qtypes: Counter[str] = field(default_factory=Counter)
+    malformed: int = 0
+    fragments: int = 0
+
+    def message(self, msg: bytes) -> None:
+        qtype = reference_qtype(msg)
+        if qtype is None:
+            self.malformed += 1
+        else:
+            self.qtypes[qtype_name(qtype)] += 1
+
+
+def reference_count(path: Path, port: int = 53) -> Reference:
+    ref = Reference()
+    pieces: dict[tuple[bytes, bytes, int, int], dict[int, bytes]] = {}
+    totals: dict[tuple[bytes, bytes, int, int], int] = {}
+    streams: dict[tuple[bytes, bytes, int, int], list[Any]] = {}  # [next seq, bytes]
+
+    def transport(proto: int, src: bytes, dst: bytes, l4: bytes, fragment: bool) -> None:
+        if proto not in (6, 17) or len(l4) < 4:
+            return
+        sport, dport = struct.unpack_from("!HH", l4)
+        if dport != port:
+            return
+        ref.packets[src] += 1
+        ref.fragments += fragment
+        if proto == 17:
+            ref.message(l4[8:])
+            return
+        tcp = dpkt.tcp.TCP(l4)
+        key = (src, dst, sport, dport)
+        if tcp.flags & dpkt.tcp.TH_SYN:
+            streams[key] = [(tcp.seq + 1) & 0xFFFFFFFF, b""]
+        stream = streams.get(key)
+        if stream is None or not tcp.data:
+            return
+        skip = (stream[0] - tcp.seq) & 0xFFFFFFFF
+        if skip >= len(tcp.data):
+            return
+        stream[1] += tcp.data[skip:]
+        stream[0] = (stream[0] + len(tcp.data) - skip) & 0xFFFFFFFF
+        buf = stream[1]
+        while len(buf) >= 2 and len(buf) >= 2 + struct.unpack_from("!H", buf)[0]:
+            size = struct.unpack_from("!H", buf)[0]
+            ref.message(buf[2:2 + size])
+            buf = buf[2 + size:]
+        stream[1] = buf
+
+    with open(path, "rb") as f:
+        reader = dpkt.pcap.Reader(f)
+        linktype = reader.datalink()
+        for _, buf in reader:
+            if linktype == ETH:
+                eth = dpkt.ethernet.Ethernet(buf)
+                if not isinstance(eth.data, (dpkt.ip.IP, dpkt.ip6.IP6)):
+                    continue
+                raw = buf[14 + 4 * len(getattr(eth, "vlan_tags", [])):]
+            else:
+                raw = buf
+            if raw[0] >> 4 == 4:
+                ip = dpkt.ip.IP(raw)
+                payload = raw[ip.hl * 4:ip.len]
+                offset = ip.offset * 8  # dpkt gives it in 8-byte units
+                if not ip.mf and not offset:
+                    transport(ip.p, ip.src, ip.dst, payload, False)
+                    continue
+                key = (ip.src, ip.dst, ip.id, ip.p)
+                pieces.setdefault(key, {})[offset] = payload
+                if not ip.mf:
+                    totals[key] = offset + len(payload)
+                if key in totals:
+                    whole = b"".join(p for _, p in sorted(pieces[key].items()))
+                    if len(whole) == totals[key]:
+                        del pieces[key], totals[key]
+                        transport(ip.p, ip.src, ip.dst, whole, True)
+            else:
+                ip6 = dpkt.ip6.IP6(raw)
+                l4 = ip6.data
+                if isinstance(l4, (dpkt.udp.UDP, dpkt.tcp.TCP)):
+                    transport(ip6.nxt, ip6.src, ip6.dst, bytes(l4), False)
+    return ref
+
+
+@pytest.mark.parametrize("case", EXPECTED, ids=lambda c: c["file"])
+def test_shared_capture(case: dict[str, Any]) -> None:
+    records, frames, ignored = read_file(PCAPS / case["file"])
+    assert frames == case["frames"]
+    packets = [r for r in records if not r[5] & F_EXTRA]
+    qtypes = Counter(qtype_name(r[3]) for r in records if r[3] >= 0)
+    assert qtypes == Counter(case["qtypes"])
+    assert sum(1 for r in records if r[5] & F_MALFORMED) == case["malformed"]
+    assert len({r[1] for r in records}) == case["sources"]
+    assert sum(1 for r in packets if r[5] & F_FRAGMENT) == case["fragments"]
+    assert all(r[3] == -1 for r in records if r[5] & F_MALFORMED)
+
+    ref = reference_count(PCAPS / case["file"])
+    assert Counter(r[1] for r in packets) == ref.packets
+    assert qtypes == ref.qtypes
+    assert sum(1 for r in records if r[5] & F_MALFORMED) == ref.malformed
+    assert sum(1 for r in packets if r[5] & F_FRAGMENT) == ref.fragments
+    assert ignored <= frames - len(packets)
+
+
+def test_shared_captures_all_listed() -> None:
+    assert {c["file"] for c in EXPECTED} == {p.name for p in PCAPS.glob("*.pcap")}
+
+
+def test_tcp_capture_segments_and_names() -> None:
+    records, _, _ = read_file(PCAPS / "dnscap-dnso1tcp.pcap", batch_size=1)
+    assert {r[2] for r in records} == {6}
+    assert len(records) == 87  # every client segment to port 53, SYN and ACKs included
+    named = [r for r in records if r[3] >= 0]
+    assert len(named) == 41 and all(r[4] and r[4].endswith(b"\x00") for r in named)
+
+
+def test_batch_size_does_not_change_the_result() -> None:
+    for name in ("dnscap-frags.pcap", "dnscap-dnso1tcp.pcap", "dnsjit-dns.pcap"):
+        assert read_file(PCAPS / name, 1)[0] == read_file(PCAPS / name, 4096)[0]
+
+
+# ---------------------------------------------------------------------------
+# Hand-built frames.
+
+
+def test_udp_ipv4_ethernet_query() -> None:
+    rec = one(synth.link_frame(udp4(query("www.example.com", "AAAA"))))
+    assert rec == (0.0, CLIENT_PACKED, 17, 28, b"\x03www\x07example\x03com\x00", 0)
+
+
+@pytest.mark.parametrize("qtype", ["ANY", "TYPE65399", "A", "HTTPS"])
+def test_qtype_names(qtype: str) -> None:
+    rec = one(synth.link_frame(udp4(query(qtype=qtype))))
+    assert qtype_name(rec[3]) == qtype
+    assert rec[3] == qtype_code(qtype)
+
+
+def test_any_is_255() -> None:
+    assert one(synth.link_frame(udp4(query(qtype="ANY"))))[3] == 255
+
+
+@pytest.mark.parametrize("linktype,vlan", [
+    (ETH, ()), (ETH, (11,)), (ETH, (100, 11)), (ETH, (7, 8, 9)),
+    (SLL, ()), (SLL2, ()), (RAW, ()), (RAW_FILE, ()), (IPV4, ()),
+])
+def test_link_types_ipv4(linktype: int, vlan: tuple[int, ...]) -> None:
+    frame = synth.link_frame(udp4(query(qtype="MX")), linktype, vlan=vlan)
+    assert one(frame, linktype)[1:] == (CLIENT_PACKED, 17, 15,
+                                        b"\x03www\x07example\x03com\x00", 0)
+
+
+@pytest.mark.parametrize("linktype,vlan", [
+    (ETH, ()), (ETH, (11,)), (ETH, (100, 11)), (SLL, ()), (SLL2, ()), (RAW, ()),
+    (RAW_FILE, ()), (IPV6, ()),
+])
+def test_link_types_ipv6(linktype: int, vlan: tuple[int, ...]) -> None:
+    packet = synth.udp_datagram(CLIENT6, SERVER6, query(qtype="AAAA"), 40000)
+    rec = one(synth.link_frame(packet, linktype, vlan=vlan), linktype)
+    assert rec[1] == bytes.fromhex("20010db8000000000000000000000007")
+    assert rec[3] == 28 and rec[5] == 0
+
+
+@pytest.mark.parametrize("ext", [(0,), (60,), (43,), (0, 43, 60)])
+def test_ipv6_extension_headers(ext: tuple[int, ...]) -> None:
+    packet = synth.udp_datagram(CLIENT6, SERVER6, query(qtype="ANY"), 40000, ext=ext)
+    assert one(synth.link_frame(packet))[3:] == (255, b"\x03www\x07example\x03com\x00", 0)
+
+
+def test_outgoing_cooked_frames_are_ignored() -> None:
+    for linktype in (SLL, SLL2):
+        frame = synth.link_frame(udp4(query()), linktype, outgoing=True)
+        batch = parse([frame], linktype)
+        assert (batch.records, batch.ignored) == ([], 1)
+
+
+def test_ipv4_with_options() -> None:
+    packet = bytearray(udp4(query(qtype="TXT")))
+    packet[0] = 0x46
+    struct.pack_into("!H", packet, 2, len(packet) + 4)
+    packet[20:20] = b"\x01\x01\x01\x00"  # NOP NOP NOP EOL
+    assert one(synth.link_frame(bytes(packet)))[3] == 16
+
+
+def test_responses_and_other_ports_are_ignored() -> None:
+    response = bytearray(query())
+    response[2] |= 0x80
+    frames = [
+        synth.link_frame(synth.udp_datagram(SERVER, CLIENT, bytes(response), 53, 40000)),
+        synth.link_frame(udp4(query(), dport=5353)),
+        synth.link_frame(synth.tcp_segment(SERVER, CLIENT, b"", 53, 40000,
+                                           flags=synth.TCP_SYN | synth.TCP_ACK)),
+        bytes(12) + b"\x08\x06" + bytes(28),  # ARP
+        synth.link_frame(synth.ip_packet(CLIENT, SERVER, 1, b"\x08\x00" + bytes(30))),
+    ]
+    batch = parse(frames)
+    assert (batch.records, batch.frames, batch.ignored) == ([], 5, 5)
+
+
+def test_response_to_port_53_counts_as_malformed() -> None:
+    response = bytearray(query())
+    response[2] |= 0x80
+    rec = one(synth.link_frame(synth.udp_datagram(SERVER, CLIENT, bytes(response), 53, 53)))
+    assert rec[1] == bytes([192, 0, 2, 1]) and rec[3:] == (-1, None, F_MALFORMED)
+
+
+def header(flags: int = 0x0100, qdcount: int = 1) -> bytes:
+    return struct.pack("!HHHHHH", 9, flags, qdcount, 0, 0, 0)
+
+
+QT_A = b"\x00\x01\x00\x01"
+
+
+@pytest.mark.parametrize("payload", [
+    b"",
+    header()[:11],
+    header(qdcount=0) + b"\x00" + QT_A,
+    header() + b"\x03www",  # name runs off the end
+    header() + b"\x03www\x00\x00\x01",  # question without its class
+    header() + b"\xc0\x0c" + QT_A,  # pointer to itself
+    header() + b"\xc0\x0e\xc0\x0c" + QT_A,  # forward pointer, then a loop
+    header() + b"\x01a\xc0\x0c" + QT_A,  # loop through a label
+    header() + b"\x01a\xc0\x0d" + QT_A,  # into its own run
+    header() + b"\x41" + bytes(5) + QT_A,  # reserved label type 0x40
+    header() + b"\x81" + bytes(5) + QT_A,  # reserved label type 0x80
+    header() + b"\xc0",  # pointer cut in half
+    header() + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63
+    + b"\x3f" + b"a" * 63 + b"\x00" + QT_A,  # 257-byte name
+], ids=lambda p: p[12:20].hex() or f"len{len(p)}")
+def test_malformed_queries(payload: bytes) -> None:
+    rec = one(synth.link_frame(udp4(payload)))
+    assert rec[1:] == (CLIENT_PACKED, 17, -1, None, F_MALFORMED)
+    assert one(synth.link_frame(udp4(payload), vlan=(3,))) == rec
+
+
+def test_longest_name_is_well_formed() -> None:
+    name = b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x3d" + b"a" * 61
+    assert len(name + b"\x00") == 255
+    rec = one(synth.link_frame(udp4(header() + name + b"\x00" + QT_A)))
+    assert rec[3:] == (1, name + b"\x00", 0)
+
+
+def test_backward_pointer_is_followed() -> None:
+    # The header's first bytes (query id 0x0000) read as the root label.
+    payload = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x03www\xc0\x00" + QT_A
+    assert one(synth.link_frame(udp4(payload)))[3:] == (1, b"\x03www\x00", 0)
+
+
+def test_ip_length_bounds_the_payload() -> None:
+    # The IP datagram ends inside the name; the bytes after it in the frame do not count.
+    packet = bytearray(udp4(query()))
+    struct.pack_into("!H", packet, 2, 20 + 8 + 12 + 5)
+    assert one(synth.link_frame(bytes(packet)))[3:] == (-1, None, F_MALFORMED)
+    # Ethernet padding after a whole datagram is harmless.
+    assert one(synth.link_frame(udp4(query())) + bytes(20))[5] == 0
+
+
+def test_truncated_frames() -> None:
+    frame = synth.link_frame(udp4(query()))
+    cut_inside_dns = parse([frame[:14 + 20 + 8 + 15]])
+    assert cut_inside_dns.records[0][3:] == (-1, None, F_MALFORMED)
+    port_unreadable = parse([frame[:14 + 20 + 3]])
+    assert (port_unreadable.records, port_unreadable.ignored) == ([], 1)
+    source_unreadable = parse([frame[:14 + 15]])
+    assert (source_unreadable.records, source_unreadable.ignored) == ([], 1)
+
+
+def test_ports_and_protocols() -> None:
+    frames = [synth.link_frame(udp4(query(), dport=53)),
+              synth.link_frame(udp4(query(qtype="AAAA"), dport=5353)),
+              synth.link_frame(synth.tcp_segment(CLIENT, SERVER, b"", 40000, 5353,
+                                                 flags=synth.TCP_SYN))]
+    batch = parse(frames, ports=(5353,), protocols=("udp",))
+    assert [r[3] for r in batch.records] == [28] and batch.ignored == 2
+    batch = parse(frames, ports=(53, 5353), protocols=("UDP", "tcp"))
+    assert [r[3] for r in batch.records] == [1, 28, -1]
+
+
+def test_unknown_link_type() -> None:
+    with pytest.raises(FlooddError, match="unsupported link type 105"):
+        Parser(105)
+
+
+# Fragments.
+
+
+def test_ipv4_fragments_out_of_order() -> None:
+    pieces = synth.fragments(udp4(query(qtype="ANY")), 8)
+    assert len(pieces) > 4
+    batch = parse(synth.link_frame(p) for p in reversed(pieces))
+    assert batch.records == [(float(len(pieces) - 1), CLIENT_PACKED, 17, 255,
+                              b"\x03www\x07example\x03com\x00", F_FRAGMENT)]
+    assert batch.ignored == 0
+
+
+def test_ipv6_fragments_with_extension_header() -> None:
+    packet = synth.udp_datagram(CLIENT6, SERVER6, query(qtype="TXT"), 40000, ext=(60,))
+    batch = parse(synth.link_frame(p) for p in synth.fragments(packet, 16, ident=99))
+    assert [(r[3], r[5]) for r in batch.records] == [(16, F_FRAGMENT)]
+
+
+def test_fragments_of_other_datagrams_are_ignored() -> None:
+    response = synth.udp_datagram(SERVER, CLIENT, query(), 53, 40000)
+    icmp = synth.ip_packet(CLIENT, SERVER, 1, b"\x08\x00" + bytes(60), ident=5)
+    frames = [synth.link_frame(p) for p in synth.fragments(response, 8)]
+    frames += [synth.link_frame(p) for p in synth.fragments(icmp, 16, ident=5)]
+    batch = parse(frames)
+    assert (batch.records, batch.ignored) == ([], len(frames))
+
+
+def test_incomplete_fragments_flushed_and_timed_out() -> None:
+    first, *_ = synth.fragments(udp4(query()), 16)
+    assert parse([synth.link_frame(first)]).records == [
+        (0.0, CLIENT_PACKED, 17, -1, None, F_FRAGMENT | F_MALFORMED)]
+    parser = Parser(ETH)
+    later = synth.link_frame(udp4(query(), dport=9))
+    batch = parser.parse_frames([(10.0, synth.link_frame(first)),
+                                 (10.0 + FRAGMENT_TIMEOUT, later)])
+    assert batch.records == [(10.0 + FRAGMENT_TIMEOUT, CLIENT_PACKED, 17, -1, None,
+                              F_FRAGMENT | F_MALFORMED)]
+    assert parser.flush().records == []
+    # Only a non-first fragment seen: its ports are unknown, nothing to count.
+    assert parse([synth.link_frame(synth.fragments(udp4(query()), 16)[1])]).records == []
+
+
+def test_fragment_state_is_bounded() -> None:
+    parser = Parser(ETH)
+    frames = [(0.0, synth.link_frame(synth.fragments(udp4(query()), 16, ident=i)[0]))
+              for i in range(MAX_DATAGRAMS + 3)]
+    batch = parser.parse_frames(frames)
+    assert len(batch.records) == 3
+    assert all(r[5] == F_FRAGMENT | F_MALFORMED for r in batch.records)
+    assert len(parser.flush().records) == MAX_DATAGRAMS
+
+
+# TCP.
+
+
+def tcp_frames(segments: list[tuple[bytes, int, int]], sport: int = 40001) -> list[bytes]:
+    """(payload, sequence number, flags) -> Ethernet frames from the client."""
+    return [synth.link_frame(synth.tcp_segment(CLIENT, SERVER, data, sport, 53, seq=seq,
+                                               flags=flags))
+            for data, seq, flags in segments]
+
+
+ACK = synth.TCP_ACK
+PSH = synth.TCP_ACK | synth.TCP_PSH
+
+
+def framed(msg: bytes) -> bytes:
+    return struct.pack("!H", len(msg)) + msg
+
+
+def test_tcp_stream() -> None:
+    isn = 0xFFFFFFF0  # the sequence numbers wrap around
+    a, aaaa, any_ = framed(query(qtype="A")), framed(query(qtype="AAAA")), framed(query(qtype=255))
+    s = (isn + 1) & 0xFFFFFFFF
+    segments = [
+        (b"", isn, synth.TCP_SYN),
+        (a[:2], s, PSH),  # the length prefix on its own
+        (a[2:], s + 2, PSH),
+        (a[2:], s + 2, PSH),  # a retransmission: no new message
+        (aaaa + any_, s + len(a), PSH),  # two messages in one segment
+        (b"", s + len(a) + len(aaaa) + len(any_), ACK),
+        (b"", s + len(a) + len(aaaa) + len(any_), synth.TCP_FIN | ACK),
+    ]
+    batch = parse(tcp_frames([(d, q & 0xFFFFFFFF, f) for d, q, f in segments]))
+    got = [(r[3], r[5]) for r in batch.records]
+    assert got == [(-1, 0), (-1, 0), (1, 0), (-1, 0), (28, 0), (255, F_EXTRA), (-1, 0),
+                   (-1, 0)]
+    assert batch.ignored == 0
+
+
+def test_tcp_large_message_and_malformed() -> None:
+    big = query(qtype="TXT") + bytes(1500)  # trailing bytes beyond the question
+    response = bytearray(query())
+    response[2] |= 0x80
+    stream = framed(big) + framed(bytes(response)) + framed(b"\x00\x01")
+    segments = [(b"", 100, synth.TCP_SYN)]
+    for i in range(0, len(stream), 500):
+        segments.append((stream[i:i + 500], 101 + i, PSH))
+    got = [(r[3], r[5]) for r in parse(tcp_frames(segments)).records]
+    assert got == [(-1, 0), (-1, 0), (-1, 0), (-1, 0), (16, 0), (-1, F_MALFORMED | F_EXTRA),
+                   (-1, F_MALFORMED | F_EXTRA)]
+
+
+def test_tcp_without_syn_or_after_a_gap() -> None:
+    msg = framed(query())
+    no_syn = parse(tcp_frames([(msg, 1000, PSH)]))
+    assert [(r[3], r[5]) for r in no_syn.records] == [(-1, 0)]
+    gap = parse(tcp_frames([(b"", 1000, synth.TCP_SYN), (msg, 1100, PSH),
+                            (msg, 1001, PSH)]))
+    assert [r[3] for r in gap.records] == [-1, -1, -1]
+
+
+def test_tcp_flows_are_separate() -> None:
+    a, b = framed(query(qtype="A")), framed(query(qtype="MX"))
+    frames = (tcp_frames([(b"", 0, synth.TCP_SYN)], 1) + tcp_frames([(b"", 50, synth.TCP_SYN)], 2)
+              + tcp_frames([(a[:5], 1, PSH)], 1) + tcp_frames([(b, 51, PSH)], 2)
+              + tcp_frames([(a[5:], 6, PSH)], 1))
+    assert [r[3] for r in parse(frames).records] == [-1, -1, -1, 15, 1]
+
+
+def test_truncated_tcp_header_is_malformed() -> None:
+    frame = tcp_frames([(b"", 0, synth.TCP_SYN)])[0]
+    assert one(frame[:14 + 20 + 10])[3:] == (-1, None, F_MALFORMED)
+
+
+# ---------------------------------------------------------------------------
+# Properties.
+
+LINKTYPES = [ETH, SLL, SLL2, RAW, RAW_FILE, IPV4, IPV6]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(LINKTYPES), st.lists(st.binary(max_size=120), max_size=8))
+def test_random_bytes_never_raise(linktype: int, frames: list[bytes]) -> None:
+    batch = parse(frames, linktype)
+    assert batch.frames == len(frames)
+    for ts, src, proto, qtype, qname, flags in batch.records:
+        assert len(src) in (4, 16) and proto in (6, 17) and -1 <= qtype <= 0xFFFF
+        assert qname is None or qname.endswith(b"\x00")
+
+
+def valid_frames() -> list[tuple[int, bytes]]:
+    v6 = synth.udp_datagram(CLIENT6, SERVER6, query(), 40000, ext=(0, 60))
+    out = [(ETH, synth.link_frame(udp4(query()))),
+           (ETH, synth.link_frame(udp4(query()), vlan=(1, 2))),
+           (SLL, synth.link_frame(udp4(query()), SLL)),
+           (SLL2, synth.link_frame(v6, SLL2)),
+           (RAW, v6),
+           (ETH, tcp_frames([(framed(query()), 0, PSH)])[0])]
+    out += [(ETH, synth.link_frame(p)) for p in synth.fragments(udp4(query()), 16)]
+    out += [(IPV6, p) for p in synth.fragments(v6, 16)]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(valid_frames()), st.integers(0, 200), st.binary(max_size=4))
+def test_truncations_never_raise(case: tuple[int, bytes], cut: int, junk: bytes) -> None:
+    linktype, frame = case
+    batch = parse([frame[:cut] + junk], linktype)
+    assert len(batch.records) + batch.ignored <= 1
+
+
+_mutations = st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=4)
+
+
+def mutate(data: bytes, changes: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for pos, value in changes:
+        if pos < len(out):
+            out[pos] = value
+    return bytes(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(valid_frames()), _mutations)
+def test_mutations_never_raise(case: tuple[int, bytes], changes: list[tuple[int, int]]) -> None:
+    linktype, frame = case
+    batch = parse([mutate(frame, changes)], linktype)
+    assert len(batch.records) + batch.ignored <= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([udp4(query()), udp4(query(qtype="ANY") + bytes(3))]), _mutations,
+       st.integers(20, 90))
+def test_fast_path_agrees_with_general_path(packet: bytes, changes: list[tuple[int, int]],
+                                            cut: int) -> None:
+    ip = mutate(packet, changes)[:cut]
+    fast = parse([synth.link_frame(ip)])
+    general = parse([synth.link_frame(ip, vlan=(9,))])
+    assert (fast.records, fast.ignored) == (general.records, general.ignored)
+
+
+def test_truncations_of_a_query_are_records_once_the_port_is_seen() -> None:
+    frame = synth.link_frame(udp4(query()))
+    for cut in range(len(frame)):
+        batch = parse([frame[:cut]])
+        if cut < 14 + 20 + 4:
+            assert (batch.records, batch.ignored) == ([], 1), cut
+        else:
+            assert [r[5] for r in batch.records] == [F_MALFORMED], cut
+    assert parse([frame]).records[0][5] == 0
+
+
+_token = st.one_of(
+    st.binary(min_size=1, max_size=63).map(lambda b: bytes([len(b)]) + b),
+    st.integers(1, 63).map(lambda n: bytes([n])),
+    st.integers(0, 80).map(lambda t: struct.pack("!H", 0xC000 | t)),
+    st.sampled_from([b"\x40", b"\x80", b"\xbf", b"\xc0"]),
+    st.just(b"\x00"),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.integers(0, 0xFFFF), st.integers(0, 0x7FFF)),
+       st.sampled_from([1, 1, 1, 2, 0]), st.lists(_token, max_size=8), st.binary(max_size=6))
+def test_question_walker_agrees_with_reference(flags: int, qdcount: int, tokens: list[bytes],
+                                               tail: bytes) -> None:
+    payload = struct.pack("!HHHHHH", 0, flags, qdcount, 0, 0, 0) + b"".join(tokens) + tail
+    expected = reference_qtype(payload)
+    fast = one(synth.link_frame(udp4(payload)))  # the UDP/IPv4 fast path
+    general = one(synth.link_frame(udp4(payload), vlan=(5,)))  # the general path
+    tcp = parse(tcp_frames([(b"", 0, synth.TCP_SYN), (framed(payload), 1, PSH)])).records[1]
+    assert fast == general
+    assert fast[5:] == tcp[5:] and fast[3:5] == tcp[3:5]
+    if expected is None:
+        assert fast[3:] == (-1, None, F_MALFORMED)
+    else:
+        assert fast[3] == expected and fast[5] == 0
