@@ -126,11 +126,11 @@ class Analyzer:
         for key, n in self.lifetime_prefixes.top(0.0, top):
             rep.prefixes.append({"prefix": str(prefix_network(key, 24, 64)), "packets": n})
         start = t.first_ts or 0.0
-        for key, trig in sorted(self.first.items(), key=lambda kv: (-kv[1].rate, kv[0])):
+        for which, trig in sorted(self.first.items(), key=lambda kv: (-kv[1].rate, kv[0])):
             rep.would_ban.append({
                 "source": str(trig.network), "rule": trig.rule, "action": trig.action,
                 "count": trig.count, "window": trig.window, "rate": round(trig.rate, 1),
-                "after": round(self.first_at[key] - start, 3),
+                "after": round(self.first_at[which] - start, 3),
             })
         return rep
 

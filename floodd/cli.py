@@ -52,19 +52,14 @@ def _register_check_config(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from floodd import analyze
+    from floodd import analyze, banctl, control, daemon
 
     parser = _Parser(prog="floodd",
                      description="Auto-ban daemon that protects DNS servers from packet floods.")
     parser.add_argument("--version", action="version", version=f"floodd {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     _register_check_config(sub)
-    analyze.register(sub)
-    for module_name in ("floodd.banctl",):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError:
-            continue
+    for module in (daemon, analyze, control, banctl):
         module.register(sub)
     return parser
 

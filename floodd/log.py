@@ -16,7 +16,7 @@ import time
 from typing import Any, TextIO
 
 try:
-    from systemd import journal as _journal
+    from systemd import journal as _journal  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the host
     _journal = None
 

@@ -14,7 +14,7 @@ import time
 from typing import Callable, Mapping
 
 try:
-    from systemd import daemon as _sd_daemon
+    from systemd import daemon as _sd_daemon  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the host
     _sd_daemon = None
 
