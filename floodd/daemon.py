@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any, Callable
 
 from floodd import __version__
+from floodd.banctl import ban_record
 from floodd.capture import CaptureStats, LiveCapture, PacketSource
 from floodd.config import Config, load_config
 from floodd.control import ControlServer
@@ -204,7 +205,8 @@ class Daemon:
 
     def _make_backend(self, cfg: Config) -> tuple[Backend, str]:
         backend, why = make_backend(cfg.firewall, cfg.capture.ports, cfg.capture.protocols,
-                                    dry_run=self.dry_run)
+                                    dry_run=self.dry_run or cfg.firewall.backend == "dry-run",
+                                    log=lambda text: self.log.info(text, action="dry-run"))
         return backend, f"{backend.name} ({why})"
 
     def _start_captures(self) -> None:
@@ -497,7 +499,7 @@ class Daemon:
         cmd = body["cmd"]
         if cmd == "bans":
             installed = {ib.network: ib for ib in self.backend.list()}
-            return {"ok": True, "bans": [_ban_json(ib) for ib in installed.values()]}
+            return {"ok": True, "bans": [ban_record(ib) for ib in installed.values()]}
         try:
             network = ipaddress.ip_network(str(body.get("source", "")), strict=True)
         except ValueError:
@@ -545,11 +547,6 @@ class Daemon:
         except OSError as exc:
             self.log.warning(f"cannot save state in {self.config.daemon.state_dir}: "
                              f"{exc.strerror}")
-
-
-def _ban_json(ib: InstalledBan) -> dict[str, Any]:
-    return {"source": str(ib.network), "rule": ib.rule, "since": ib.since,
-            "expires": ib.expires, "packets": ib.packets, "bytes": ib.bytes}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,0 +1,46 @@
+"""The dry-run backend: it remembers and reports, the kernel stays untouched."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable
+
+from floodd.firewall.base import Ban, InstalledBan
+from floodd.firewall.dryrun import DryRunBackend
+
+net = ipaddress.ip_network
+T0 = 1_700_000_000.0
+
+
+def test_dry_run_records_and_reports() -> None:
+    said: list[str] = []
+    backend = DryRunBackend([53], ["udp", "tcp"], log=said.append)
+    assert not backend.present()
+    backend.setup()
+    assert backend.present()
+    backend.ban([Ban(net("198.51.100.7/32"), "query-flood", T0, T0 + 600),
+                 Ban(net("203.0.113.0/24"), "prefix-flood", T0, T0 + 60)])
+    assert backend.list() == []  # buffered until commit
+    backend.commit()
+    backend.unban([net("203.0.113.0/24"), net("192.0.2.9/32")])
+    backend.commit()
+    assert backend.list() == [InstalledBan(net("198.51.100.7/32"), "query-flood", T0,
+                                           T0 + 600, 0, 0)]
+    backend.teardown()
+    assert backend.list() == [] and not backend.present()
+    assert said == [
+        "dry run: would set up the firewall to drop udp/tcp to port 53 from banned sources",
+        "dry run: would ban 198.51.100.7/32 for 600 s (query-flood)",
+        "dry run: would ban 203.0.113.0/24 for 60 s (prefix-flood)",
+        "dry run: would unban 203.0.113.0/24",
+        "dry run: would remove the firewall table and its 1 bans",
+    ]
+
+
+def test_dry_run_through_the_cli_changes_nothing(
+        lab: Any, floodd_cli: Callable[..., Any]) -> None:
+    ruleset = lab.run(lab.server_ns, ["nft", "list", "ruleset"], text=True).stdout
+    proc = floodd_cli("ban", "198.51.100.7", backend="dry-run")
+    assert proc.returncode == 0 and proc.stdout == "banned 198.51.100.7 for 1h (manual)\n"
+    assert lab.run(lab.server_ns, ["nft", "list", "ruleset"], text=True).stdout == ruleset
+    assert floodd_cli("bans", backend="dry-run").stdout == "no bans\n"  # a new process
