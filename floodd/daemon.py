@@ -447,8 +447,8 @@ class Daemon:
 
     def _top(self, n: int) -> list[dict[str, Any]]:
         now = time.time()
-        window = self.config.rate_table.window
         with self.lock:
+            window = self.traffic.sources.window
             rows = self.traffic.sources.top(now, n)
         return [{"source": str(address_network(src).network_address), "packets": c,
                  "rate": c / window,

@@ -18,7 +18,7 @@ import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Rule
 from floodd.parse import F_EXTRA, F_MALFORMED, Batch, Record
@@ -111,20 +111,30 @@ class Traffic:
     def __init__(self, config: Config, track_peak: bool = False) -> None:
         rt = config.rate_table
         self.bucket = rt.bucket
-        self.sources: RateTable[bytes] = RateTable(rt.window, rt.bucket, rt.capacity,
-                                                   track_peak=track_peak)
+        # Each table looks back only as far as the longest rule reading it: memory
+        # grows with window / bucket when many real sources send in every bucket.
+        windows: dict[str, float] = {}
+        for rule in config.rules:
+            for name in self._tables_of(rule):
+                windows[name] = max(windows.get(name, rt.bucket), rule.window)
+
+        def make(name: str, capacity: int = rt.capacity, peak: bool = False) -> RateTable[Any]:
+            return RateTable(windows.get(name, rt.window), rt.bucket, capacity,
+                             track_peak=peak)
+
+        self.sources: RateTable[bytes] = make("sources", peak=track_peak)
         self.prefixes: dict[tuple[int, int], RateTable[bytes]] = {}
         self.watched_qtypes: set[int] = set()
         for rule in config.rules:
             if rule.aggregate == "prefix":
-                self.prefixes.setdefault((rule.prefix_v4, rule.prefix_v6),
-                                         RateTable(rt.window, rt.bucket, rt.capacity))
+                pair = (rule.prefix_v4, rule.prefix_v6)
+                self.prefixes.setdefault(pair, make(f"prefix {pair}"))
             qt = rule_qtype(rule)
             if qt is not None:
                 self.watched_qtypes.add(qt)
-        self.by_qtype: RateTable[bytes] = RateTable(rt.window, rt.bucket, rt.capacity)
+        self.by_qtype: RateTable[bytes] = make("by_qtype")
         # Every qtype's all-source total: at most 65,537 keys, so never pruned.
-        self.qtype_totals: RateTable[int] = RateTable(rt.window, rt.bucket, 70_000)
+        self.qtype_totals: RateTable[int] = make("qtype_totals", capacity=70_000)
         self.packets = 0
         self.malformed = 0
         self.qtype_counts: Counter[int] = Counter()
@@ -193,6 +203,19 @@ class Traffic:
                     if src in sources:
                         pairs[qtype_key(src, MALFORMED_QTYPE)] += 1
             self.by_qtype.add_counts(now, pairs)
+
+    @staticmethod
+    def _tables_of(rule: Rule) -> list[str]:
+        """Names of the tables a rule reads (see table_for and rule_total)."""
+        if rule.aggregate == "prefix":
+            names = [f"prefix {(rule.prefix_v4, rule.prefix_v6)}"]
+        elif rule_qtype(rule) is not None:
+            names = ["by_qtype"]
+        else:
+            names = ["sources"]
+        if rule.total_threshold is not None:
+            names.append("sources" if rule_qtype(rule) is None else "qtype_totals")
+        return names
 
     def totals(self) -> TrafficTotals:
         return TrafficTotals(self.packets, self.malformed, self.first_ts, self.last_ts)
