@@ -32,6 +32,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _src = itemgetter(1)
 _qtype = itemgetter(3)
+_flags = itemgetter(5)
 
 
 def prefix_key(src: bytes, v4: int, v6: int) -> bytes:
@@ -86,6 +87,8 @@ def packet_sources(records: list[Record]) -> tuple[Counter[bytes], list[Record]]
     but not packets, so they are left out of the per-source packet counts.
     """
     sources = Counter(map(_src, records))
+    if not any(map(_flags, records)):  # the usual case, checked at C speed
+        return sources, []
     flagged = [r for r in records if r[5]]
     extra = False
     for rec in flagged:
@@ -188,16 +191,20 @@ class Traffic:
         self.sources.add_counts(now, sources)
         for (v4, v6), table in self.prefixes.items():
             prefixes: Counter[bytes] = Counter()
-            for src, n in sources.items():
-                prefixes[prefix_key(src, v4, v6)] += n
+            if v4 % 8 == 0 and v6 % 8 == 0:
+                # Byte-aligned prefixes (the usual /24 and /64): prefix_key, inlined.
+                c4, c6 = v4 // 8, v6 // 8
+                for src, n in sources.items():
+                    prefixes[b"\x04" + src[:c4] if len(src) == 4 else b"\x06" + src[:c6]] += n
+            else:
+                for src, n in sources.items():
+                    prefixes[prefix_key(src, v4, v6)] += n
             table.add_counts(now, prefixes)
         watched = self.watched_qtypes
         if watched and not watched.isdisjoint(qtypes):
-            pairs: Counter[bytes] = Counter()
-            for rec in records:
-                qt = rec[3]
-                if qt in watched and rec[1] in sources:
-                    pairs[qtype_key(rec[1], qt)] += 1
+            hits = [r for r in records if r[3] in watched]
+            pairs: Counter[bytes] = Counter(
+                [qtype_key(r[1], r[3]) for r in hits if r[1] in sources])
             if MALFORMED_QTYPE in watched:
                 for src in malformed:
                     if src in sources:
