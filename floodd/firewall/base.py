@@ -39,6 +39,25 @@ class InstalledBan:
     bytes: int
 
 
+class Buffered:
+    """``ban`` and ``unban`` only buffer; a backend's ``commit`` applies ``_pending``.
+
+    ``_pending`` maps a network to its new ban, or to None for a removal; the
+    last change of a network wins.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Network, Ban | None] = {}
+
+    def ban(self, bans: Sequence[Ban]) -> None:
+        for ban in bans:
+            self._pending[ban.network] = ban
+
+    def unban(self, networks: Sequence[Network]) -> None:
+        for network in networks:
+            self._pending[network] = None
+
+
 class Backend(Protocol):
     name: str
 

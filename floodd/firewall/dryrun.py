@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from floodd.firewall.base import Ban, InstalledBan, Network
+from floodd.firewall.base import Ban, Buffered, InstalledBan, Network
 
-class DryRunBackend:
+class DryRunBackend(Buffered):
     name = "dry-run"
 
     def __init__(self, ports: Sequence[int] = (53,), protocols: Sequence[str] = ("udp", "tcp"),
@@ -17,7 +17,7 @@ class DryRunBackend:
         self.what = ("all traffic" if scope == "all" else
                      f"{'/'.join(protocols)} to port {', '.join(map(str, ports))}")
         self._bans: dict[Network, Ban] = {}
-        self._pending: dict[Network, Ban | None] = {}
+        super().__init__()
         self._set_up = False
 
     def setup(self) -> None:
@@ -26,13 +26,6 @@ class DryRunBackend:
                      "from banned sources")
         self._set_up = True
 
-    def ban(self, bans: Sequence[Ban]) -> None:
-        for ban in bans:
-            self._pending[ban.network] = ban
-
-    def unban(self, networks: Sequence[Network]) -> None:
-        for net in networks:
-            self._pending[net] = None
 
     def commit(self) -> None:
         for net, ban in self._pending.items():

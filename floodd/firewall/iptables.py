@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 from floodd.errors import FlooddError
-from floodd.firewall.base import Ban, InstalledBan, Network
+from floodd.firewall.base import Ban, Buffered, InstalledBan, Network
 from floodd.firewall.nftables import element_comment, parse_comment
 
 PROTOCOLS = ("udp", "tcp")
@@ -89,7 +89,7 @@ class _Family:
     comment: int  # offset of the comment text in an entry laid out like template
 
 
-class IptablesBackend:
+class IptablesBackend(Buffered):
     """floodd's chain in the legacy iptables and ip6tables filter tables."""
 
     name = "iptables"
@@ -117,7 +117,7 @@ class IptablesBackend:
         self._ports = tuple(ports)
         self._iptc = _import_iptc()
         self._layouts: dict[int, _Family] = {}
-        self._pending: dict[Network, Ban | None] = {}
+        super().__init__()
 
     # --- the Backend interface ---------------------------------------------------
     def setup(self) -> None:
@@ -134,13 +134,6 @@ class IptablesBackend:
                         input_chain.insert_rule(self._jump_rule(fam, protocol, comment), 0)
                 table.commit()  # libiptc commits nothing when nothing changed
 
-    def ban(self, bans: Sequence[Ban]) -> None:
-        for ban in bans:
-            self._pending[ban.network] = ban
-
-    def unban(self, networks: Sequence[Network]) -> None:
-        for network in networks:
-            self._pending[network] = None
 
     def commit(self) -> None:
         for version in VERSIONS:

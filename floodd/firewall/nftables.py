@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from floodd.errors import FlooddError
-from floodd.firewall.base import Ban, InstalledBan, Network
+from floodd.firewall.base import Ban, Buffered, InstalledBan, Network
 
 # (IP version, is a prefix) -> set name; the order is the order of the drop rules
 SETS = {(4, False): "ban4", (6, False): "ban6", (4, True): "ban4net", (6, True): "ban6net"}
@@ -269,7 +269,7 @@ def render_commit(plan: Plan, table: str, now: float) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-class NftablesBackend:
+class NftablesBackend(Buffered):
     """floodd's bans in the nftables table ``inet TABLE`` (see the module docstring)."""
 
     name = "nftables"
@@ -286,7 +286,7 @@ class NftablesBackend:
         self.protocols = tuple(protocols)
         self.scope = scope
         self.table = table
-        self._pending: dict[Network, Ban | None] = {}
+        super().__init__()
 
     def _match(self) -> str:
         if self.scope == "all":
@@ -320,13 +320,6 @@ class NftablesBackend:
     def setup(self) -> None:
         _nft(["-f", "-"], self.setup_script())
 
-    def ban(self, bans: Sequence[Ban]) -> None:
-        for ban in bans:
-            self._pending[ban.network] = ban
-
-    def unban(self, networks: Sequence[Network]) -> None:
-        for net in networks:
-            self._pending[net] = None
 
     def commit(self) -> None:
         """One listing (to plan against what the kernel holds), then one transaction;
