@@ -105,6 +105,7 @@ class Rule:
 @dataclass(frozen=True)
 class FirewallConfig:
     backend: str = "auto"
+    dry_run: bool = False
     scope: str = "dns"
     max_bans: int = 10_000
     rescan_interval: float = 60.0
@@ -424,6 +425,7 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
     d_fw = FirewallConfig()
     firewall = FirewallConfig(
         backend=fw.choice("backend", d_fw.backend, ("auto", "nftables", "iptables", "dry-run")),
+        dry_run=fw.boolean("dry_run", d_fw.dry_run),
         scope=fw.choice("scope", d_fw.scope, ("dns", "all")),
         max_bans=fw.int("max_bans", d_fw.max_bans, 1, 1_000_000),
         rescan_interval=fw.duration("rescan_interval", d_fw.rescan_interval, hi=86400.0),
@@ -500,7 +502,7 @@ def summary(config: Config) -> list[str]:
                      f" in {r.window:g} s{guard}; ban {r.ban_time:g} s")
     f = c.firewall
     lines += [
-        f"firewall: backend {f.backend}, scope {f.scope}, max {f.max_bans} bans, "
+        f"firewall: backend {f.backend}{' (dry run)' if f.dry_run else ''}, scope {f.scope}, max {f.max_bans} bans, "
         f"rescan every {f.rescan_interval:g} s, stale after {f.stale_after:g} s, "
         f"escalation x{f.escalation_factor:g} up to {f.max_ban_time:g} s, on exit {f.on_exit}",
         f"daemon: tick {c.daemon.tick:g} s, log level {c.daemon.log_level}, "

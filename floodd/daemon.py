@@ -18,7 +18,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Callable
 
@@ -551,11 +551,10 @@ class Daemon:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if args.dry_run:
-        config = replace(config, firewall=replace(config.firewall, backend="dry-run"))
     log = EventLog(config.daemon.log_level)
     interfaces = tuple(args.interface) if args.interface else None
-    daemon = Daemon(config, args.config, log, interfaces=interfaces, dry_run=args.dry_run)
+    daemon = Daemon(config, args.config, log, interfaces=interfaces,
+                    dry_run=args.dry_run or config.firewall.dry_run)
     return daemon.run()
 
 
