@@ -74,6 +74,13 @@ def _error_text(exc: BaseException) -> str:
     return str(exc).strip().rstrip(".") or type(exc).__name__
 
 
+_ACTIVATE_ERRORS = {
+    -4: "not activated", -5: "no such device", -6: "monitor mode not supported",
+    -7: "the interface is not up", -8: "permission denied (capturing needs root or "
+    "CAP_NET_RAW)", -9: "the interface is not up", -11: "promiscuous mode not permitted",
+}
+
+
 class LiveCapture:
     """Packets arriving on one interface (``any``: all of them)."""
 
@@ -112,10 +119,16 @@ class LiveCapture:
             pcap.set_snaplen(config.snaplen)
             pcap.set_timeout(READ_TIMEOUT_MS)
             pcap.set_buffer_size(config.buffer_size_mb << 20)
-            pcap.activate()
+            status = pcap.activate()
         except pcapy.PcapError as exc:
             raise FlooddError(f"cannot capture on interface {interface}: "
                               f"{_error_text(exc)}") from None
+        # libpcap reports some failures (PCAP_ERROR_NO_SUCH_DEVICE = -5,
+        # PCAP_ERROR_PERM_DENIED = -8, ...) as a negative status, not an exception.
+        if isinstance(status, int) and status < 0:
+            reason = _ACTIVATE_ERRORS.get(status, f"libpcap error {status}")
+            pcap.close()
+            raise FlooddError(f"cannot capture on interface {interface}: {reason}")
         return pcap
 
     def read(self, timeout: float) -> Batch:

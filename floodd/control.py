@@ -143,14 +143,22 @@ class ControlServer:
                     reply = self.handler(req)
                 except FlooddError as exc:
                     reply = {"ok": False, "error": str(exc)}
+                except Exception as exc:  # a failed request must not end the control thread
+                    reply = {"ok": False,
+                             "error": f"internal error: {type(exc).__name__}: {exc}"}
             conn.sendall(json.dumps(reply).encode() + b"\n")
         except OSError:
             pass  # the client went away
 
     def close(self) -> None:
+        if self._sock is None:
+            return  # never bound: the path may be another daemon's socket
         self._closing = True
-        if self._sock is not None:
-            self._sock.close()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting in _serve
+        except OSError:
+            pass
+        self._sock.close()
         if self._thread is not None:
             self._thread.join(timeout=2)
         try:

@@ -54,6 +54,9 @@ class CaptureWorker(threading.Thread):
         self.heartbeat = time.monotonic()
         self.error: str | None = None
         self._stop_event = threading.Event()
+        self._source_lock = threading.Lock()
+        self._closed = False
+        self._stats = CaptureStats(0, 0, 0)
 
     def run(self) -> None:
         try:
@@ -69,7 +72,19 @@ class CaptureWorker(threading.Thread):
         except Exception as exc:  # a capture failure must reach the log, not kill silently
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
-            self.source.close()
+            with self._source_lock:
+                self._closed = True
+                self.source.close()
+
+    def stats(self) -> CaptureStats:
+        """The source's counters; the last ones read once it failed or was closed."""
+        with self._source_lock:
+            if not self._closed:
+                try:
+                    self._stats = self.source.stats()
+                except Exception:  # a failing capture keeps its last figures
+                    pass
+            return self._stats
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -119,6 +134,7 @@ class Daemon:
         self._last_packets = 0
         self._last_rate_at = time.monotonic()
         self.pps = 0.0
+        self._capture_problem_logged: str | None = None
 
     # --- signals: flags only --------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -146,6 +162,13 @@ class Daemon:
         self.log.info(f"floodd {__version__} running: capturing on {', '.join(self.interfaces)}, "
                       f"firewall {self.backend_note}, {len(self.bans)} bans adopted, "
                       f"{len(self.config.rules)} rules", action="start")
+        try:
+            self._main_loop()
+        finally:
+            self._shutdown(flush=self.config.firewall.on_exit == "flush")
+        return 0
+
+    def _main_loop(self) -> None:
         tick = self.config.daemon.tick
         next_tick = time.monotonic() + tick
         next_rescan = time.monotonic() + self.config.firewall.rescan_interval
@@ -166,10 +189,12 @@ class Daemon:
                 continue
             next_tick = max(next_tick + self.config.daemon.tick, mono)
             now = time.time()
-            self._policy_tick(now)
+            # A failing firewall command is logged and tried again next time; the
+            # capture (and the watchdog) carry on.
+            self._guarded("ban", self._policy_tick, now)
             if mono >= next_rescan:
                 next_rescan = mono + self.config.firewall.rescan_interval
-                self._rescan(now)
+                self._guarded("rescan", self._rescan, now)
             if mono >= next_summary:
                 next_summary = mono + self.config.daemon.summary_interval
                 self._summary()
@@ -179,13 +204,27 @@ class Daemon:
                     self.notifier.watchdog()
                     next_ping = mono + watchdog / 3
                 self.notifier.status(self._status_line())
+                if self._capture_problem_logged is not None:
+                    self._capture_problem_logged = None
+                    self.log.info("capture running again", action="capture")
             else:
-                self.notifier.status("capture stopped: " + self._capture_problem(mono))
-        self._shutdown(flush=self.config.firewall.on_exit == "flush")
-        return 0
+                problem = self._capture_problem(mono)
+                if problem != self._capture_problem_logged:
+                    self._capture_problem_logged = problem
+                    self.log.error(f"capture stopped: {problem}", action="capture")
+                self.notifier.status("capture stopped: " + problem)
+
+    def _guarded(self, what: str, step: Callable[[float], None], now: float) -> None:
+        try:
+            step(now)
+        except FlooddError as exc:
+            self.log.error(f"{what} failed, will try again: {exc}", action="error")
 
     def _startup(self) -> None:
         cfg = self.config
+        # First, so that a second floodd stops before it touches the firewall or the state.
+        self.control = ControlServer(cfg.daemon.control_socket, self._handle_request)
+        self.control.start()
         self.own = own_networks()
         self.offences = load_offences(cfg.daemon.state_dir)
         self.backend, self.backend_note = self._make_backend(cfg)
@@ -199,9 +238,7 @@ class Daemon:
         self._refresh_banned_sources()
         self.tracker = BanTracker(cfg.firewall)
         self.tracker.adopt(now, installed)
-        self._start_captures()
-        self.control = ControlServer(cfg.daemon.control_socket, self._handle_request)
-        self.control.start()
+        self._start_captures(self._open_captures(cfg))
 
     def _make_backend(self, cfg: Config) -> tuple[Backend, str]:
         backend, why = make_backend(cfg.firewall, cfg.capture.ports, cfg.capture.protocols,
@@ -209,12 +246,24 @@ class Daemon:
                                     log=lambda text: self.log.info(text, action="dry-run"))
         return backend, f"{backend.name} ({why})"
 
-    def _start_captures(self) -> None:
-        for iface in self.interfaces:
-            source = self.source_factory(iface, self.config)
-            worker = CaptureWorker(source, iface, self._count)
-            worker.start()
-            self.workers.append(worker)
+    def _open_captures(self, cfg: Config) -> list[CaptureWorker]:
+        """Workers for every interface of ``cfg``, sources open, not started yet; if one
+        cannot open, none stays open."""
+        workers: list[CaptureWorker] = []
+        try:
+            for iface in self.interfaces_override or cfg.capture.interfaces:
+                workers.append(CaptureWorker(self.source_factory(iface, cfg), iface,
+                                             self._count))
+        except BaseException:
+            for w in workers:
+                w.source.close()
+            raise
+        return workers
+
+    def _start_captures(self, workers: list[CaptureWorker]) -> None:
+        for w in workers:
+            w.start()
+        self.workers = workers
 
     def _stop_captures(self) -> None:
         for w in self.workers:
@@ -236,7 +285,7 @@ class Daemon:
             else:
                 self.log.info(f"stopped; {len(self.bans)} bans kept in the firewall",
                               action="stop")
-        self._save_state(time.time())
+            self._save_state(time.time())
 
     # --- counting (capture threads) ---------------------------------------------
     def _count(self, batch: Any) -> None:
@@ -284,6 +333,8 @@ class Daemon:
                     self.traffic.sources.forget(src)
         for ban, (trig, seconds) in zip(new, decided.bans):
             old = self.offences.get(ban.network)
+            if old is not None and now - old.last > fw.max_ban_time:
+                old = None  # forgotten: policy.ban_time no longer counts it either
             self.offences[ban.network] = Offence((old.count if old else 0) + 1, now)
             repeat = f", offence #{old.count + 1}" if old else ""
             self.log.notice(
@@ -333,6 +384,10 @@ class Daemon:
     # --- rescan: counters, expiry, repair ---------------------------------------
     def _rescan(self, now: float) -> None:
         assert self.backend is not None and self.tracker is not None
+        try:
+            self.own = own_networks()  # addresses come and go (DHCP, failover)
+        except FlooddError as exc:
+            self.log.warning(f"cannot read this host's addresses, keeping the last ones: {exc}")
         if not self.backend.present():
             self._repair(now, "floodd's firewall table is gone", list(self.bans.values()))
         installed = self.backend.list()
@@ -380,6 +435,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
+            # A capture that cannot open (bad filter, missing interface) refuses the reload.
+            workers = self._open_captures(new) if new.capture != self.config.capture else None
         except FlooddError as exc:
             self.log.error(f"reload failed, keeping the old configuration: {exc}",
                            action="reload")
@@ -389,15 +446,17 @@ class Daemon:
         self.config = new
         self.log.set_level(new.daemon.log_level)
         if new.firewall.backend != old.firewall.backend or \
-                new.firewall.scope != old.firewall.scope:
-            self.log.warning("firewall.backend and firewall.scope changes take effect on "
-                             "restart", action="reload")
+                new.firewall.scope != old.firewall.scope or \
+                new.daemon.control_socket != old.daemon.control_socket:
+            self.log.warning("firewall.backend, firewall.scope and daemon.control_socket "
+                             "changes take effect on restart", action="reload")
         if new.rate_table != old.rate_table or new.rules != old.rules:
             with self.lock:
                 self.traffic = Traffic(new)
-        if new.capture != old.capture:
+            self._last_packets = 0  # the rate is measured against the new count
+        if workers is not None:
             self._stop_captures()
-            self._start_captures()
+            self._start_captures(workers)
         if self.tracker is not None:
             self.tracker.configure(new.firewall)
         self.log.info(f"reloaded {new.source}: {len(new.rules)} rules", action="reload")
@@ -423,10 +482,7 @@ class Daemon:
     def capture_stats(self) -> CaptureStats:
         received = dropped = if_dropped = 0
         for w in self.workers:
-            try:
-                s = w.source.stats()
-            except FlooddError:
-                continue
+            s = w.stats()
             received += s.received
             dropped += s.dropped
             if_dropped += s.if_dropped

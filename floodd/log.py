@@ -2,10 +2,10 @@
 
 With journald (its socket exists and systemd-python is installed) every event is
 one structured entry: a sentence a person can read in MESSAGE plus fields such
-as FLOODD_ACTION (ban, unban, expire, warn, repair, reload, refuse, summary),
-FLOODD_SOURCE, FLOODD_RULE, FLOODD_RATE and FLOODD_PACKETS, so that
-``journalctl -u floodd FLOODD_ACTION=ban`` finds every ban.  Without it, the same
-sentences go to stderr.
+as FLOODD_ACTION (start, stop, ban, unban, expire, warn, repair, reload, refuse,
+capture, summary), FLOODD_SOURCE, FLOODD_RULE, FLOODD_RATE and FLOODD_PACKETS, so
+that ``journalctl -u floodd FLOODD_ACTION=ban`` finds every ban.  Without it, or
+when journald does not answer, the same sentences go to stderr.
 """
 
 from __future__ import annotations
@@ -48,15 +48,20 @@ class EventLog:
         """Log ``message``; ``fields`` become FLOODD_<NAME> journal fields."""
         if priority > self.max_priority:
             return
+        stream = self.stream
         if self.journal and _journal is not None:
             extra = {f"FLOODD_{k.upper()}": str(v) for k, v in fields.items() if v is not None}
             if action:
                 extra["FLOODD_ACTION"] = action
-            _journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER="floodd", **extra)
-        if self.stream is not None:
+            try:
+                _journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER="floodd",
+                              **extra)
+            except OSError:  # journald is not answering (restarting, gone): keep the event
+                stream = stream or sys.stderr
+        if stream is not None:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            self.stream.write(f"{stamp} floodd[{os.getpid()}] {_NAMES[priority]}: {message}\n")
-            self.stream.flush()
+            stream.write(f"{stamp} floodd[{os.getpid()}] {_NAMES[priority]}: {message}\n")
+            stream.flush()
 
     def info(self, message: str, action: str | None = None, **fields: Any) -> None:
         self.event(INFO, message, action, **fields)

@@ -1,9 +1,10 @@
 """systemd's notify protocol: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 
 The protocol is one datagram of ``KEY=VALUE`` lines to the unix socket named by
-``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract namespace).  systemd-python's
-``systemd.daemon.notify`` is used where it is installed; the plain datagram is sent
-otherwise.  Without ``$NOTIFY_SOCKET`` (not started by systemd) nothing is sent.
+``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract namespace); systemd learns the
+sender's pid from the socket credentials.  The socket is the one named in the
+environment the Notifier is given.  Without ``$NOTIFY_SOCKET`` (not started by
+systemd) nothing is sent.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ import os
 import socket
 import time
 from typing import Callable, Mapping
-
-try:
-    from systemd import daemon as _sd_daemon  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the host
-    _sd_daemon = None
 
 
 def _datagram(path: str) -> Callable[[str], None]:
@@ -32,13 +28,7 @@ def _datagram(path: str) -> Callable[[str], None]:
 class Notifier:
     def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
         path = environ.get("NOTIFY_SOCKET", "")
-        self.enabled = bool(path)
-        self._send: Callable[[str], None] | None = None
-        if path:
-            if _sd_daemon is not None:
-                self._send = lambda message: _sd_daemon.notify(message)
-            else:
-                self._send = _datagram(path)
+        self._send: Callable[[str], None] | None = _datagram(path) if path else None
         usec = environ.get("WATCHDOG_USEC", "")
         pid = environ.get("WATCHDOG_PID", "")
         watchdog_on = usec.isdigit() and (not pid or pid == str(os.getpid()))

@@ -30,7 +30,7 @@ def load_offences(state_dir: str) -> dict[Network, Offence]:
         for net, (count, last) in data["offences"].items():
             out[ipaddress.ip_network(net)] = Offence(int(count), float(last))
         return out
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 

@@ -1,0 +1,535 @@
+"""``floodd run`` as a real process in lab namespaces: systemd's notify protocol, journald,
+reload, stop, crash and restart, a dying capture, the control socket, and the safety limits.
+
+Every daemon runs under ``ip netns exec`` in the server namespace of its own lab, with BIND
+answering and dnsperf flooding from client addresses; the bans are read back from the
+kernel with ``nft``.  Intervals are configured short (tick 0.25 s, rescan 1 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from daemon_helpers import (FLOODD, Floodd, capture_interfaces, daemon_config, finish, flood,
+                            floodd_cli, ifindex, journald_running, nft_elements, nft_table,
+                            packets, wait_until, write_config)
+
+FLOODER = "198.51.100.7"
+STATUS_FIGURES = re.compile(r"^\d+ packets/s, \d+ kernel drops, \d+ bans$")
+
+pytestmark = pytest.mark.skipif(shutil.which("dnsperf") is None or shutil.which("nft") is None,
+                                reason="needs dnsperf and nft")
+
+Start = Callable[..., Floodd]
+
+
+@pytest.fixture
+def floodd(dns_lab: Any) -> Iterator[Start]:
+    """``floodd(config, name="floodd", **kw)``: a started :class:`Floodd` in the lab; every
+    one started is killed at the end (also when the test fails)."""
+    started: list[Floodd] = []
+
+    def start(config: Path, name: str = "floodd", **kw: Any) -> Floodd:
+        daemon = Floodd(dns_lab, config, name, **kw)
+        started.append(daemon)
+        return daemon.start()
+    yield start
+    for daemon in started:
+        daemon.close()
+
+
+def config(run_dir: Path, name: str = "floodd.yaml", **sections: Any) -> Path:
+    return write_config(run_dir / name, daemon_config(run_dir, **sections))
+
+
+def bans_logged(log: str) -> list[str]:
+    """The networks of every ``ban NET for ...`` line (not ``would ban``)."""
+    return re.findall(r"(?:^|: )ban (\S+) for ", log, re.M)
+
+
+def offences(run_dir: Path) -> dict[str, list[float]]:
+    data: dict[str, list[float]] = json.loads(
+        (run_dir / "state" / "offences.json").read_text())["offences"]
+    return data
+
+
+# --- systemd's notify protocol -----------------------------------------------------------
+def test_notify_ready_status_watchdog_reload_stop(dns_lab: Any, floodd: Start,
+                                                  tmp_path: Path) -> None:
+    at_ready: list[tuple[bool, set[int]]] = []
+
+    def on_ready(fields: dict[str, str]) -> None:
+        at_ready.append((nft_table(dns_lab) is not None, capture_interfaces(daemon.pid)))
+
+    daemon = Floodd(dns_lab, config(tmp_path), watchdog_usec=1_000_000, on_ready=on_ready)
+    try:
+        daemon.start()
+        ready_at = daemon.wait_ready()
+        assert not daemon.notify.errors
+        table_there, interfaces = at_ready[0]
+        assert table_there, "READY=1 came before the nftables table existed"
+        assert ifindex(dns_lab, dns_lab.server_ns, dns_lab.server_if) in interfaces, \
+            "READY=1 came before the capture was open"
+        ready = daemon.notify.with_key("READY", "1")[0][1]
+        assert STATUS_FIGURES.match(ready["STATUS"]), ready
+        before = [m for t, m in daemon.notify.snapshot() if t < ready_at]
+        assert not any("WATCHDOG" in m for m in before)
+
+        # WATCHDOG=1 keeps coming, well within WATCHDOG_USEC; STATUS carries figures.
+        wait_until(lambda: len(daemon.notify.with_key("WATCHDOG", "1")) >= 5, 10,
+                   what="five watchdog pings")
+        pings = [t for t, _ in daemon.notify.with_key("WATCHDOG", "1")]
+        gaps = [b - a for a, b in zip([ready_at, *pings], pings)]
+        assert max(gaps) < 1.0, gaps
+        statuses = [m["STATUS"] for _, m in daemon.notify.with_key("STATUS")]
+        assert all(STATUS_FIGURES.match(s) for s in statuses), statuses
+
+        hup = time.monotonic()
+        daemon.send(signal.SIGHUP)
+        reloading_at, reloading = daemon.notify.wait_for("RELOADING", "1", since=hup)
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        again_at, _ = daemon.notify.wait_for("READY", "1", since=reloading_at)
+        assert reloading_at <= again_at
+        daemon.wait_log(r"info: reloaded .*floodd\.yaml: 1 rules")
+
+        term = time.monotonic()
+        daemon.send(signal.SIGTERM)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(timeout=2) == 0
+        assert time.monotonic() - term < 2
+        stopping_at, _ = daemon.notify.wait_for("STOPPING", "1", since=term, timeout=1)
+        later = [m for t, m in daemon.notify.snapshot() if t > stopping_at]
+        assert not any("READY" in m or "WATCHDOG" in m for m in later), later
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.close()
+
+
+# --- journald ------------------------------------------------------------------------------
+@pytest.fixture
+def journald() -> Iterator[None]:
+    """journald's socket exists: the host's journald, or one started here and stopped after."""
+    with journald_running() as there:
+        if not there:
+            pytest.skip("systemd-journald cannot run here")
+        yield
+
+
+def test_ban_is_a_structured_journal_entry(journald: None, dns_lab: Any, floodd: Start,
+                                           tmp_path: Path) -> None:
+    dns_lab.add_client_address(FLOODER)
+    daemon = floodd(config(tmp_path))
+    daemon.wait_ready()
+    assert daemon.journal
+    dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=2)
+
+    def ban_entry() -> dict[str, Any] | None:
+        return next((e for e in daemon.journal_entries() if e.get("FLOODD_ACTION") == "ban"),
+                    None)
+    entry = wait_until(ban_entry, 15, interval=0.2, what="a ban in the journal")
+    finish(dnsperf)
+    assert entry["SYSLOG_IDENTIFIER"] == "floodd"
+    assert entry["PRIORITY"] == "5"  # notice
+    assert entry["FLOODD_SOURCE"] == f"{FLOODER}/32"
+    assert entry["FLOODD_RULE"] == "query-flood"
+    assert float(entry["FLOODD_RATE"]) >= 500  # over 1000 packets in the 2 s window
+    assert int(entry["FLOODD_PACKETS"]) > 1000
+    assert float(entry["FLOODD_BAN_TIME"]) == 30
+    assert entry["MESSAGE"].startswith(f"ban {FLOODER}/32 for 30 s: rule query-flood, ")
+    start = next(e for e in daemon.journal_entries() if e.get("FLOODD_ACTION") == "start")
+    assert start["PRIORITY"] == "6"  # info
+    assert daemon.stop() == 0
+    stop = wait_until(lambda: [e for e in daemon.journal_entries()
+                               if e.get("FLOODD_ACTION") == "stop"], 5, what="the stop entry")
+    assert stop[0]["MESSAGE"] == "stopped; 1 bans kept in the firewall"
+    # Without a terminal, nothing is written twice: stderr stays empty.
+    assert daemon.log_path.read_text() == ""
+
+
+# --- reload ------------------------------------------------------------------------------
+def test_reload_refuses_a_broken_config_and_applies_a_good_one(
+        dns_lab: Any, floodd: Start, tmp_path: Path) -> None:
+    for source in (FLOODER, "198.51.100.8"):
+        dns_lab.add_client_address(source)
+    cfg = config(tmp_path)
+    good = cfg.read_text()
+    daemon = floodd(cfg)
+    daemon.wait_ready()
+
+    broken = [("threshold: lots", r"config error: \S+floodd\.yaml: rules\[0\]\.threshold: "
+               r"expected a positive integer, got 'lots'"),
+              ("bpf filter", r"bad capture filter")]
+    for what, error in broken:
+        data = daemon_config(tmp_path)
+        if what == "bpf filter":
+            data["capture"] = {"bpf_filter": "udp and ((("}
+        else:
+            data["rules"][0]["threshold"] = "lots"
+        write_config(cfg, data)
+        hup = time.monotonic()
+        daemon.send(signal.SIGHUP)
+        daemon.wait_log(r"error: reload failed, keeping the old configuration: " + error)
+        reloading_at, _ = daemon.notify.wait_for("RELOADING", "1", since=hup)
+        daemon.notify.wait_for("READY", "1", since=reloading_at)
+        assert daemon.running()
+
+    # The old rule still bans.
+    finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
+    daemon.wait_log(rf"ban {FLOODER}/32 for 30 s: rule query-flood,")
+    assert FLOODER in nft_elements(dns_lab)
+
+    # A good, changed configuration is applied: a new rule name and a smaller ban time.
+    cfg.write_text(good.replace("query-flood", "hup-flood").replace("ban_time: 30",
+                                                                     "ban_time: 20"))
+    daemon.send(signal.SIGHUP)
+    daemon.wait_log(r"info: reloaded \S+floodd\.yaml: 1 rules")
+    finish(flood(dns_lab, tmp_path, "198.51.100.8", seconds=1))
+    daemon.wait_log(r"ban 198\.51\.100\.8/32 for 20 s: rule hup-flood,")
+    comment = nft_elements(dns_lab)["198.51.100.8"]["comment"]
+    assert comment.endswith("rule=hup-flood")
+    # The figures stay sane across the reload (the packet rate never goes negative).
+    statuses = [m["STATUS"] for _, m in daemon.notify.with_key("STATUS")]
+    assert all(STATUS_FIGURES.match(s) for s in statuses), sorted(set(statuses))
+    assert "Traceback" not in daemon.log()
+    assert daemon.stop() == 0
+
+
+# --- SIGTERM: bans kept, or flushed --------------------------------------------------------
+def test_sigterm_keeps_bans_and_on_exit_flush_removes_them(dns_lab: Any, floodd: Start,
+                                                           tmp_path: Path) -> None:
+    dns_lab.add_client_address(FLOODER)
+    daemon = floodd(config(tmp_path))
+    daemon.wait_ready()
+    dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=1)
+    daemon.wait_log(rf"ban {FLOODER}/32 for 30 s")
+    finish(dnsperf)
+    term = time.monotonic()
+    assert daemon.stop(timeout=5) == 0
+    assert time.monotonic() - term < 2
+    assert "stopped; 1 bans kept in the firewall" in daemon.log()
+    assert FLOODER in nft_elements(dns_lab)
+    assert not os.path.exists(daemon.control_socket)
+
+    flushing = floodd(config(tmp_path, "flush.yaml", firewall={"on_exit": "flush"}), "flush")
+    flushing.wait_ready()
+    assert "1 bans adopted" in flushing.log()
+    term = time.monotonic()
+    assert flushing.stop(timeout=5) == 0
+    assert time.monotonic() - term < 2
+    assert "stopped; 1 bans flushed (on_exit: flush)" in flushing.log()
+    assert nft_table(dns_lab) is None
+
+
+# --- kill -9 and restart ----------------------------------------------------------------
+def test_restart_after_kill_9_adopts_bans_without_unbanning(dns_lab: Any, floodd: Start,
+                                                            tmp_path: Path) -> None:
+    dns_lab.add_client_address(FLOODER)
+    cfg = config(tmp_path)
+    first = floodd(cfg, "first")
+    first.wait_ready()
+    dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=15, qps=2000)
+    first.wait_log(rf"ban {FLOODER}/32 for 30 s")
+
+    samples: list[dict[str, Any] | None] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            samples.append(nft_elements(dns_lab).get(FLOODER))
+            time.sleep(0.05)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        wait_until(lambda: samples and packets(samples[-1]) > 0, 10,
+                   what="the ban's counter to count")
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        at_kill = len(samples)
+        assert os.path.exists(first.control_socket)  # left behind
+
+        second = floodd(cfg, "second")
+        second.wait_ready()
+        assert "1 bans adopted" in second.log()
+        # Two rescans later the ban still counts, the restarted daemon reads it.
+        wait_until(lambda: len(samples) > at_kill + 5 and packets(samples[-1]) >
+                   packets(samples[at_kill]), 10, what="the counter to keep growing")
+        time.sleep(2.5)  # two rescans of the restarted daemon: it must not unban
+        reply = second.request("bans")
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+    finish(dnsperf, now=True)
+
+    assert all(s is not None for s in samples), "the ban vanished during the restart"
+    counts = [packets(s) for s in samples if s is not None]
+    assert counts == sorted(counts), "the ban's counter was reset"
+    since = {re.search(r"since=(\d+)", s["comment"]).group(1)  # type: ignore[union-attr]
+             for s in samples if s is not None}
+    assert len(since) == 1, since
+    assert [b["source"] for b in reply["bans"]] == [f"{FLOODER}/32"]
+    assert reply["bans"][0]["rule"] == "query-flood"
+    log = second.log()
+    assert "unban" not in log and bans_logged(log) == []
+    shown = floodd_cli(dns_lab, cfg, "bans")
+    assert shown.returncode == 0
+    assert re.search(rf"^{re.escape(FLOODER)}\s+query-flood\s", shown.stdout, re.M)
+    assert second.stop() == 0
+
+
+# --- repair --------------------------------------------------------------------------------
+def test_deleted_table_is_repaired_with_its_bans(dns_lab: Any, floodd: Start,
+                                                 tmp_path: Path) -> None:
+    dns_lab.add_client_address(FLOODER)
+    daemon = floodd(config(tmp_path))
+    daemon.wait_ready()
+    finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
+    daemon.wait_log(rf"ban {FLOODER}/32 for 30 s")
+    dns_lab.run(dns_lab.server_ns, ["nft", "delete", "table", "inet", "floodd"])
+    daemon.wait_log(r"warning: repair: floodd's firewall table is gone; re-created 1 bans")
+    element = wait_until(lambda: nft_elements(dns_lab).get(FLOODER), 5, what="the ban back")
+    assert element["comment"].endswith("rule=query-flood") and element["timeout"] <= 30
+    assert not dns_lab.dig("www.lab.example", source=FLOODER)
+    assert daemon.stop() == 0
+
+
+# --- escalation across restarts ------------------------------------------------------------
+def test_escalation_is_remembered_across_restarts(dns_lab: Any, floodd: Start,
+                                                  tmp_path: Path) -> None:
+    dns_lab.add_client_address(FLOODER)
+    rules = [{"name": "query-flood", "match": "all", "threshold": 1000, "window": 2,
+              "ban_time": 2}]
+    cfg = config(tmp_path, rules=rules, firewall={
+        "escalation_factor": 2, "rescan_interval": 0.5, "extend_active": False})
+    first = floodd(cfg, "first")
+    first.wait_ready()
+    dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=2)
+    first.wait_log(rf"ban {FLOODER}/32 for 2 s: rule query-flood, \d+ packets in 2 s "
+                   r"\([\d.]+/s\)\n")
+    finish(dnsperf, now=True)
+    first.wait_log(rf"unban {FLOODER}/32", timeout=20)
+    assert first.stop() == 0
+    assert offences(tmp_path)[f"{FLOODER}/32"][0] == 1
+
+    second = floodd(cfg, "second")
+    second.wait_ready()
+    dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=2)
+    second.wait_log(rf"ban {FLOODER}/32 for 4 s: rule query-flood, .*, offence #2")
+    reply = second.request("bans")
+    finish(dnsperf, now=True)
+    ban = reply["bans"][0]
+    assert round(ban["expires"] - ban["since"]) == 4
+    assert offences(tmp_path)[f"{FLOODER}/32"][0] == 2
+    assert second.stop() == 0
+
+
+def test_old_offences_are_forgotten(dns_lab: Any, floodd: Start, tmp_path: Path) -> None:
+    """An offence older than max_ban_time no longer counts: the next ban is a first one."""
+    dns_lab.add_client_address(FLOODER)
+    rules = [{"name": "query-flood", "match": "all", "threshold": 1000, "window": 2,
+              "ban_time": 1}]
+    daemon = floodd(config(tmp_path, rules=rules,
+                           firewall={"escalation_factor": 2, "max_ban_time": 2,
+                                     "rescan_interval": 0.5, "extend_active": False}))
+    daemon.wait_ready()
+    ban_line = re.compile(rf"(?:^|: )(ban {FLOODER}/32 for .*)$", re.M)
+    finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
+    daemon.wait_log(rf"unban {FLOODER}/32", timeout=20)
+    wait_until(lambda: time.time() - offences(tmp_path)[f"{FLOODER}/32"][1] > 2.5, 10,
+               what="the offence to be older than max_ban_time")
+    finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
+    bans = wait_until(lambda: ban_line.findall(daemon.log())[1:], 10, what="the second ban")
+    assert re.fullmatch(rf"ban {FLOODER}/32 for 1 s: rule query-flood, \d+ packets in 2 s "
+                        r"\([\d.]+/s\)", bans[0]), bans[0]
+    assert offences(tmp_path)[f"{FLOODER}/32"][0] == 1
+    assert daemon.stop() == 0
+
+
+# --- a capture that stops ----------------------------------------------------------------
+def test_stopped_capture_stops_the_watchdog(dns_lab: Any, floodd: Start,
+                                            tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    daemon = floodd(cfg, watchdog_usec=1_000_000)
+    daemon.wait_ready()
+    wait_until(lambda: len(daemon.notify.with_key("WATCHDOG", "1")) >= 2, 10,
+               what="watchdog pings")
+    dns_lab.run(dns_lab.server_ns, ["ip", "link", "del", dns_lab.server_if])
+
+    def stopped() -> list[tuple[float, dict[str, str]]]:
+        return [(t, m) for t, m in daemon.notify.with_key("STATUS")
+                if m["STATUS"].startswith("capture stopped: ")]
+    stopped_at, message = wait_until(stopped, 10, what="STATUS=capture stopped")[0]
+    assert message["STATUS"].startswith(f"capture stopped: {dns_lab.server_if}: ")
+    # No ping for longer than the watchdog's timeout: systemd would restart floodd.
+    wait_until(lambda: daemon.notify.with_key("STATUS", since=stopped_at + 1.5), 10,
+               what="more status messages")
+    assert daemon.notify.with_key("WATCHDOG", since=stopped_at) == []
+    assert daemon.running()
+    daemon.wait_log(rf"error: capture stopped: {dns_lab.server_if}: ")
+    status = floodd_cli(dns_lab, cfg, "status")
+    assert status.returncode == 0, status.stderr
+    assert "Traceback" not in daemon.log()
+    assert daemon.stop() == 0
+
+
+# --- the control socket ------------------------------------------------------------------
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter (unlike pytest's tmp_path), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="floodd-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_control_commands_through_the_daemon(dns_lab: Any, floodd: Start,
+                                             shared_dir: Path) -> None:
+    cfg = config(shared_dir, daemon={"summary_interval": 1})
+    cfg.chmod(0o644)
+    daemon = floodd(cfg)
+    daemon.wait_ready()
+    assert os.stat(daemon.control_socket).st_mode & 0o777 == 0o600
+    daemon.wait_log(r"info: summary: \d+ packets/s, \d+ packets, 0 kernel drops, 0 bans, "
+                    r"\d+ keys pruned")
+
+    status = floodd_cli(dns_lab, cfg, "status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert re.match(rf"floodd \S+ running for \d+ s \(pid {daemon.pid}, firewall backend "
+                    r"nftables \(firewall\.backend\)\)$", lines[0]), lines
+    assert lines[1].startswith(f"capture: {dns_lab.server_if}: ")
+    assert lines[2] == "bans: 0 (max 10000)"
+
+    # Traffic under the threshold shows in top.
+    dns_lab.add_client_address("203.0.113.9")
+    light = flood(dns_lab, shared_dir, "203.0.113.9", seconds=1.5, qps=200)
+    wait_until(lambda: any(r["source"] == "203.0.113.9" for r in daemon.request("top")["top"]),
+               10, what="203.0.113.9 in top")
+    top = floodd_cli(dns_lab, cfg, "top", "-n", "5")
+    finish(light)
+    assert top.returncode == 0, top.stderr
+    assert top.stdout.splitlines()[0].split() == ["packets", "per", "s", "source"]
+    assert re.search(r"^\s+\d+\s+[\d.]+\s+203\.0\.113\.9$", top.stdout, re.M), top.stdout
+
+    banned = floodd_cli(dns_lab, cfg, "ban", "203.0.113.50", "--for", "1m")
+    assert (banned.returncode, banned.stdout) == (0, "banned 203.0.113.50 for 1m (manual)\n")
+    element = nft_elements(dns_lab)["203.0.113.50"]
+    assert element["comment"].endswith("rule=manual") and 55 <= element["timeout"] <= 60
+    daemon.wait_log(r"ban 203\.0\.113\.50/32 for 60 s by the operator: manual")
+    bans = floodd_cli(dns_lab, cfg, "bans")
+    assert re.search(r"^203\.0\.113\.50\s+manual\s", bans.stdout, re.M), bans.stdout
+    assert daemon.request("status")["bans"] == 1
+
+    refused = floodd_cli(dns_lab, cfg, "ban", "127.0.0.1")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("floodd: ban: refusing to ban 127.0.0.1/32: whitelisted")
+    assert refused.stderr.count("\n") == 1
+
+    unbanned = floodd_cli(dns_lab, cfg, "unban", "203.0.113.50")
+    assert (unbanned.returncode, unbanned.stdout) == (0, "unbanned 203.0.113.50\n")
+    assert "203.0.113.50" not in nft_elements(dns_lab)
+    daemon.wait_log(r"unban 203\.0\.113\.50/32 by the operator")
+    assert floodd_cli(dns_lab, cfg, "bans").stdout == "no bans\n"
+
+    # A user other than root may not use the socket: one line, exit status 2.
+    nobody = floodd_cli(dns_lab, cfg, "status",
+                        prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
+    assert nobody.returncode == 2
+    assert nobody.stdout == ""
+    assert nobody.stderr == (f"floodd: cannot open the control socket {daemon.control_socket}: "
+                             "permission denied (it is root's only)\n")
+
+    # A second daemon with the same socket refuses to start and leaves the first alone.
+    second = floodd(cfg, "second")
+    assert second.proc is not None and second.proc.wait(timeout=20) == 1
+    assert "error: cannot start: another floodd is already running" in second.log()
+    assert "stopped;" not in second.log()
+    assert daemon.request("status")["pid"] == daemon.pid
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
+
+
+def test_missing_interface_fails_the_start_cleanly(dns_lab: Any, floodd: Start,
+                                                  tmp_path: Path) -> None:
+    daemon = floodd(config(tmp_path), args=("-i", "nosuch0"))
+    assert daemon.proc is not None and daemon.proc.wait(timeout=20) == 1
+    log = daemon.log()
+    assert re.search(r"error: cannot start: cannot capture on interface nosuch0: ", log), log
+    assert "Traceback" not in log
+    assert daemon.notify.with_key("READY") == []
+    assert not os.path.exists(daemon.control_socket)
+
+
+def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    proc = subprocess.run([*FLOODD, "status", "-c", str(cfg)], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == (f"floodd: floodd is not running (no daemon on "
+                           f"{tmp_path / 'control.sock'})\n")
+
+
+# --- safety --------------------------------------------------------------------------------
+def test_whitelisted_flooder_is_never_banned(dns_lab: Any, floodd: Start,
+                                             tmp_path: Path) -> None:
+    for source in (FLOODER, "198.51.100.8"):
+        dns_lab.add_client_address(source)
+    daemon = floodd(config(tmp_path, whitelist=["127.0.0.0/8", f"{FLOODER}/32"]))
+    daemon.wait_ready()
+    floods = [flood(dns_lab, tmp_path, FLOODER, seconds=1.5, qps=3000),
+              flood(dns_lab, tmp_path, "198.51.100.8", seconds=1.5, qps=3000)]
+    daemon.wait_log(rf"warning: not banning {FLOODER}/32 \(whitelisted by {FLOODER}/32\): "
+                    r"rule query-flood")
+    daemon.wait_log(r"ban 198\.51\.100\.8/32 for 30 s")
+    finish(*floods)
+    assert set(nft_elements(dns_lab)) == {"198.51.100.8"}
+    assert bans_logged(daemon.log()) == ["198.51.100.8/32"]
+    assert dns_lab.dig("www.lab.example", source=FLOODER)
+    assert daemon.stop() == 0
+
+
+def test_max_bans_is_never_exceeded(dns_lab: Any, floodd: Start, tmp_path: Path) -> None:
+    sources = [f"198.51.100.{i}" for i in (7, 8, 9, 10)]
+    for source in sources:
+        dns_lab.add_client_address(source)
+    daemon = floodd(config(tmp_path, firewall={"max_bans": 2}))
+    daemon.wait_ready()
+    floods = [flood(dns_lab, tmp_path, s, seconds=2, qps=1500) for s in sources]
+    daemon.wait_log(r"warning: max_bans \(2\) reached: \d+ more sources over a threshold "
+                    r"are not banned")
+    finish(*floods)
+    assert len(nft_elements(dns_lab)) == 2
+    assert len(bans_logged(daemon.log())) == 2
+    assert daemon.request("status")["bans"] == 2
+    assert daemon.stop() == 0
+
+
+def test_dry_run_bans_nothing_in_the_kernel(dns_lab: Any, floodd: Start,
+                                            tmp_path: Path) -> None:
+    dns_lab.add_client_address(FLOODER)
+    cfg = config(tmp_path)
+    daemon = floodd(cfg, args=("--dry-run",))
+    daemon.wait_ready()
+    dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=1)
+    daemon.wait_log(rf"dry run: would ban {FLOODER}/32 for 30 s \(query-flood\)")
+    daemon.wait_log(rf"notice: ban {FLOODER}/32 for 30 s: rule query-flood")
+    finish(dnsperf)
+    assert nft_table(dns_lab) is None
+    assert dns_lab.dig("www.lab.example", source=FLOODER)
+    status = floodd_cli(dns_lab, cfg, "status")
+    assert "firewall backend dry-run (dry run: nothing is changed), dry run)" in status.stdout
+    bans = json.loads(floodd_cli(dns_lab, cfg, "bans", "--json").stdout)
+    assert [b["source"] for b in bans] == [f"{FLOODER}/32"]
+    assert daemon.stop() == 0
+    assert nft_table(dns_lab) is None

@@ -1,0 +1,117 @@
+"""The offences file: round trip, what is forgotten, damaged files, atomic replacement."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import floodd.state
+from floodd.policy import Network, Offence
+from floodd.state import FILE_NAME, load_offences, save_offences
+
+NOW = 1_700_000_000.0
+DAY = 86_400.0
+
+
+def net(text: str) -> Network:
+    return ipaddress.ip_network(text)
+
+
+def test_round_trip_and_format(tmp_path: Path) -> None:
+    offences = {net("198.51.100.7/32"): Offence(1, NOW - 60),
+                net("203.0.113.0/24"): Offence(3, NOW - 10),
+                net("2001:db8:1::5/128"): Offence(2, NOW)}
+    save_offences(str(tmp_path), offences, NOW, DAY)
+    assert load_offences(str(tmp_path)) == offences
+    data = json.loads((tmp_path / FILE_NAME).read_text())
+    assert data["version"] == 1
+    assert data["offences"]["203.0.113.0/24"] == [3, NOW - 10]
+    assert list(data["offences"]) == ["2001:db8:1::5/128", "203.0.113.0/24",
+                                      "198.51.100.7/32"]  # newest first
+
+
+def test_old_offences_are_forgotten(tmp_path: Path) -> None:
+    offences = {net("198.51.100.7/32"): Offence(5, NOW - DAY - 1),
+                net("198.51.100.8/32"): Offence(1, NOW - DAY)}
+    save_offences(str(tmp_path), offences, NOW, DAY)
+    assert load_offences(str(tmp_path)) == {net("198.51.100.8/32"): Offence(1, NOW - DAY)}
+
+
+def test_only_the_newest_entries_are_kept(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(floodd.state, "MAX_ENTRIES", 3)
+    offences = {net(f"198.51.100.{i}/32"): Offence(1, NOW - i) for i in range(10)}
+    save_offences(str(tmp_path), offences, NOW, DAY)
+    assert set(load_offences(str(tmp_path))) == {net(f"198.51.100.{i}/32") for i in range(3)}
+
+
+def test_missing_file_or_directory_means_no_history(tmp_path: Path) -> None:
+    assert load_offences(str(tmp_path)) == {}
+    assert load_offences(str(tmp_path / "nowhere")) == {}
+
+
+@pytest.mark.parametrize("content", [
+    b"",
+    b"{\"version\": 1, \"offences\": {\"198.51.100.7/32\": [1, 17",  # cut short
+    b"\xff\xfe not text",
+    b"[]",
+    b"{\"version\": 1}",
+    b"{\"version\": 1, \"offences\": []}",
+    b"{\"version\": 1, \"offences\": \"198.51.100.7/32\"}",
+    b"{\"version\": 1, \"offences\": {\"not a network\": [1, 2]}}",
+    b"{\"version\": 1, \"offences\": {\"198.51.100.7/24\": [1, 2]}}",
+    b"{\"version\": 1, \"offences\": {\"198.51.100.7/32\": [1]}}",
+    b"{\"version\": 1, \"offences\": {\"198.51.100.7/32\": [\"one\", 2]}}",
+    b"{\"version\": 1, \"offences\": {\"198.51.100.7/32\": null}}",
+])
+def test_damaged_file_means_no_history(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / FILE_NAME).write_bytes(content)
+    assert load_offences(str(tmp_path)) == {}
+
+
+def test_directory_is_created_private_and_no_temporary_file_stays(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state" / "floodd"
+    save_offences(str(state_dir), {net("198.51.100.7/32"): Offence(1, NOW)}, NOW, DAY)
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+    save_offences(str(state_dir), {}, NOW, DAY)
+    assert os.listdir(state_dir) == [FILE_NAME]
+    assert load_offences(str(state_dir)) == {}
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = {net("198.51.100.7/32"): Offence(1, NOW)}
+    save_offences(str(tmp_path), old, NOW, DAY)
+
+    def no_space(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError):
+        save_offences(str(tmp_path), {net("198.51.100.8/32"): Offence(1, NOW)}, NOW, DAY)
+    assert os.listdir(tmp_path) == [FILE_NAME]
+    assert load_offences(str(tmp_path)) == old
+
+
+networks = st.one_of(
+    st.builds(lambda a, p: ipaddress.ip_network((a, p), strict=False),
+              st.ip_addresses(v=4), st.integers(8, 32)),
+    st.builds(lambda a, p: ipaddress.ip_network((a, p), strict=False),
+              st.ip_addresses(v=6), st.integers(16, 128)))
+offence_maps = st.dictionaries(
+    networks, st.builds(Offence, st.integers(1, 1000),
+                        st.floats(NOW - DAY, NOW, allow_nan=False)), max_size=20)
+
+
+@settings(max_examples=50, deadline=None)
+@given(offences=offence_maps)
+def test_property_round_trip(tmp_path_factory: pytest.TempPathFactory,
+                             offences: dict[Network, Offence]) -> None:
+    state_dir = tmp_path_factory.mktemp("state")
+    save_offences(str(state_dir), offences, NOW, DAY)
+    assert load_offences(str(state_dir)) == offences
