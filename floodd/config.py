@@ -446,6 +446,14 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
         control_socket=dm.string("control_socket", d_dm.control_socket),
         state_dir=dm.string("state_dir", d_dm.state_dir),
     )
+    # A ban must outlive the rescan that first sees its counter grow, or the kernel's
+    # timeout ends it mid-flood before floodd can extend it.
+    shortest = 2 * firewall.rescan_interval
+    for i, rule in enumerate(rules):
+        if rule.action == "ban" and rule.ban_time < shortest:
+            raise ConfigError(source, f"rules[{i}].ban_time",
+                              f"expected at least twice firewall.rescan_interval "
+                              f"({shortest:g} s), got {rule.ban_time:g}")
     return Config(source=source, capture=capture, rate_table=rate_table, whitelist=whitelist,
                   rules=rules, firewall=firewall, daemon=daemon)
 

@@ -193,10 +193,12 @@ class Daemon:
             # capture (and the watchdog) carry on.
             self._guarded("ban", self._policy_tick, now)
             if mono >= next_rescan:
-                next_rescan = mono + self.config.firewall.rescan_interval
+                next_rescan += self.config.firewall.rescan_interval
+                if next_rescan <= mono:  # fell behind (a slow tick): no burst of rescans
+                    next_rescan = mono + self.config.firewall.rescan_interval
                 self._guarded("rescan", self._rescan, now)
             if mono >= next_summary:
-                next_summary = mono + self.config.daemon.summary_interval
+                next_summary = max(next_summary + self.config.daemon.summary_interval, mono)
                 self._summary()
             self._measure_rate(mono)
             if self._captures_healthy(mono):

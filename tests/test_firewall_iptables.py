@@ -193,11 +193,11 @@ def test_a_new_process_adopts_the_bans_and_a_re_ban_keeps_counters(
             ["203.0.113.99/32", "x" * 300, NOW, NOW + 600]]
     assert run(lab, "setup", ("ban", bans), "commit") == [None, None, None]
 
-    # Times are kept in whole seconds; a rule name comes back as given, cut to fit the
-    # comment (the same one the nftables backend writes).
+    # Times are kept in whole seconds (the expiry rounded down); a rule name comes back
+    # as given, cut to fit the comment (the same one the nftables backend writes).
     head = "floodd since=1764000000 expires=1764000600 rule="
     assert run(lab, "list") == [sorted([
-        ["198.51.100.7/32", "query-flood", NOW, NOW + 601, 0, 0],
+        ["198.51.100.7/32", "query-flood", NOW, NOW + 600, 0, 0],
         [*bans[1], 0, 0],
         [*bans[2], 0, 0],
         [*bans[3][:1], "x" * (128 - len(head)), *bans[3][2:], 0, 0]])]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import shutil
 import time
 from typing import Any, Callable
@@ -307,9 +308,10 @@ def test_repair_after_an_external_flush(dns_lab: Any, in_server: Any,
     assert lab.dig("www.lab.example", source="198.51.100.7")
     in_server(_apply, backend, bans)  # what the daemon's repair does
     assert in_server(backend.present)
-    assert {(b.network, b.rule, round(b.since), round(b.expires))
+    # Expiries are recorded in whole seconds, rounded down.
+    assert {(b.network, b.rule, round(b.since), b.expires)
             for b in in_server(backend.list)} == {
-        (b.network, b.rule, round(b.since), round(b.expires)) for b in bans}
+        (b.network, b.rule, round(b.since), math.floor(b.expires)) for b in bans}
     assert not lab.dig("www.lab.example", source="198.51.100.7")
 
 
@@ -353,7 +355,7 @@ def test_nftables_replacing_a_ban_keeps_its_counter(lab: Any, in_server: Any,
     assert wait_for(lambda: in_server(backend.list)[0].packets == 5)
     in_server(_apply, backend, [Ban(net("198.51.100.7/32"), "query-flood", now, now + 3600)])
     [extended] = in_server(backend.list)
-    assert (extended.packets, extended.expires) == (5, round(now + 3600))
+    assert (extended.packets, extended.expires) == (5, math.floor(now + 3600))
     element = _nft(lab, "list", "set", "inet", "floodd", "ban4")
     assert "timeout 59m" in element or "timeout 1h" in element
 

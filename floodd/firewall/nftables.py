@@ -82,7 +82,9 @@ def _unescape(match: re.Match[str]) -> str:
 def element_comment(ban: Ban) -> str:
     """``floodd since=S expires=E rule=R``: R percent-encoded where nft needs it, cut at a
     whole character to fit nft's 128 bytes."""
-    head = f"floodd since={round(ban.since)} expires={round(ban.expires)} rule="
+    # Whole seconds, the expiry rounded down: floodd never believes a ban lasts longer
+    # than the kernel's timeout, so it extends an active ban in time.
+    head = f"floodd since={round(ban.since)} expires={math.floor(ban.expires)} rule="
     budget = _COMMENT_MAX - len(head)
     pieces = []
     for char in ban.rule:

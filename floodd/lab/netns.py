@@ -2,9 +2,12 @@
 
 Addresses come from the documentation ranges only: the server is 192.0.2.53 and
 2001:db8::53; clients live in 198.51.100.0/24, 203.0.113.0/24 and 2001:db8:1::/64
-(and 198.18.0.0/15 for spoofed floods).  Neither namespace has a default route,
-so replies to spoofed sources die inside.  Everything is removed on exit, also
-when the body raises.
+(and 198.18.0.0/15 for spoofed floods).  Neither namespace has a default route.
+The server reaches 198.18.0.0/15 through the client namespace's GATEWAY_V4, which
+drops what it gets (it does not forward): replies to spoofed sources die there,
+and the server never resolves a spoofed address on the link (a flood from
+thousands of sources would fill its neighbour table and stall every reply).
+Everything is removed on exit, also when the body raises.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 SERVER_V4 = "192.0.2.53"
 SERVER_V6 = "2001:db8::53"
+GATEWAY_V4 = "198.51.100.254"  # a client address: the server's next hop to 198.18.0.0/15
 ZONE = "lab.example"
 
 _NAMED_CONF = """\
@@ -94,8 +98,11 @@ class Lab:
         self.run(self.server_ns, ["ip", "-6", "addr", "add", f"{SERVER_V6}/64", "dev",
                                   self.server_if, "nodad"])
         # Routes to the client ranges point at the veth (no default route anywhere).
-        for net in ("198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15"):
+        for net in ("198.51.100.0/24", "203.0.113.0/24"):
             self.run(self.server_ns, ["ip", "route", "add", net, "dev", self.server_if])
+        self.add_client_address(GATEWAY_V4)
+        self.run(self.server_ns, ["ip", "route", "add", "198.18.0.0/15", "via", GATEWAY_V4,
+                                  "dev", self.server_if])
         self.run(self.server_ns, ["ip", "-6", "route", "add", "2001:db8:1::/64", "dev",
                                   self.server_if])
         self.run(self.client_ns, ["ip", "route", "add", "192.0.2.0/24", "dev", self.client_if])
@@ -158,8 +165,7 @@ class Lab:
         self._named = subprocess.Popen(
             self.exec_argv(self.server_ns) + ["named", "-g", "-n", "1", "-c", conf],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        probe = "198.51.100.254"
-        self.add_client_address(probe)
+        probe = GATEWAY_V4
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._named.poll() is not None:
