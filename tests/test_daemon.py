@@ -328,7 +328,8 @@ def test_escalation_is_remembered_across_restarts(dns_lab: Any, floodd: Start,
     reply = second.request("bans")
     finish(dnsperf, now=True)
     ban = reply["bans"][0]
-    assert round(ban["expires"] - ban["since"]) == 4
+    # The kernel keeps whole seconds: since rounded, expiry rounded down.
+    assert 3 <= ban["expires"] - ban["since"] <= 4
     assert offences(tmp_path)[f"{FLOODER}/32"][0] == 2
     assert second.stop() == 0
 
