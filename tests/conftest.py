@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
+from daemon_helpers import journald_running
+
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
@@ -175,3 +177,12 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
 def wait_for() -> Callable[..., bool]:
     """``wait_for(predicate, timeout=3.0)``: poll every 50 ms; whether it came true."""
     return _wait_for
+
+
+@pytest.fixture
+def journald() -> Iterator[None]:
+    """journald's socket exists: the host's journald, or one started here and stopped after."""
+    with journald_running() as there:
+        if not there:
+            pytest.skip("systemd-journald cannot run here")
+        yield

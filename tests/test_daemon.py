@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from daemon_helpers import (FLOODD, Floodd, capture_interfaces, daemon_config, finish, flood,
-                            floodd_cli, ifindex, journald_running, nft_elements, nft_table,
+                            floodd_cli, ifindex, nft_elements, nft_table,
                             packets, wait_until, write_config)
 
 FLOODER = "198.51.100.7"
@@ -118,13 +118,6 @@ def test_notify_ready_status_watchdog_reload_stop(dns_lab: Any, floodd: Start,
 
 
 # --- journald ------------------------------------------------------------------------------
-@pytest.fixture
-def journald() -> Iterator[None]:
-    """journald's socket exists: the host's journald, or one started here and stopped after."""
-    with journald_running() as there:
-        if not there:
-            pytest.skip("systemd-journald cannot run here")
-        yield
 
 
 def test_ban_is_a_structured_journal_entry(journald: None, dns_lab: Any, floodd: Start,

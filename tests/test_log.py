@@ -12,14 +12,14 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import floodd.log
 from floodd.log import EventLog
 
-from daemon_helpers import journald_running, wait_until
+from daemon_helpers import wait_until
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d floodd\[(\d+)\] (\w+): (.*)$")
 
@@ -107,12 +107,6 @@ def test_journal_chosen_by_its_socket(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert not EventLog().journal
 
 
-@pytest.fixture
-def journald() -> Iterator[None]:
-    with journald_running() as there:
-        if not there:
-            pytest.skip("systemd-journald cannot run here")
-        yield
 
 
 def test_real_journal_entry(journald: None) -> None:
