@@ -44,7 +44,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections import _count_elements  # type: ignore[attr-defined]  # Counter's C helper
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import add, itemgetter, sub
 from typing import Generic, TypeVar
@@ -136,6 +137,25 @@ class RateTable(Generic[K]):
         if len(bucket) > self._high[slot]:
             self._high[slot] = len(bucket)
         if len(totals) > self.capacity:
+            self._prune()
+
+    def add_keys(self, now: float, keys: Sequence[K]) -> None:
+        """Count one packet per item of ``keys`` (repeats allowed) into the bucket of ``now``.
+
+        The same as ``add_counts(now, Counter(keys))``, with every per-key step done
+        by C code: the daemon's hot path under a flood of many sources.
+        """
+        slot = self._advance(now)
+        if not keys:
+            return
+        bucket = self._buckets[slot]
+        self._packets[slot] += len(keys)
+        _count_elements(bucket, keys)
+        _count_elements(self._totals, keys)
+        self._last.update(dict.fromkeys(keys, self._cur))
+        if len(bucket) > self._high[slot]:
+            self._high[slot] = len(bucket)
+        if len(self._totals) > self.capacity:
             self._prune()
 
     def count(self, now: float, key: K, window: float | None = None) -> int:

@@ -5,7 +5,8 @@ import ipaddress
 from floodd.config import build_config
 from floodd.parse import F_EXTRA, F_MALFORMED, Batch, Record
 from floodd.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                            prefix_key, prefix_network, qtype_key, split_qtype_key)
+                            prefix_key, prefix_keys, prefix_network, qtype_key,
+                            split_qtype_key)
 
 A, ANY = 1, 255
 S1 = ipaddress.ip_address("198.51.100.7").packed
@@ -31,6 +32,14 @@ def test_prefix_keys_round_trip() -> None:
     assert prefix_key(S1, 24, 64) != prefix_key(S6, 24, 24)  # families never collide
     assert address_network(S6) == ipaddress.ip_network("2001:db8:1::7/128")
     assert split_qtype_key(qtype_key(S6, MALFORMED_QTYPE)) == (S6, MALFORMED_QTYPE)
+
+
+def test_prefix_keys_match_prefix_key() -> None:
+    v4 = [ipaddress.ip_address(f"198.51.{i}.{j}").packed for i in (0, 100, 255) for j in (1, 7)]
+    v6 = [S6, ipaddress.ip_address("2001:db8:ffff::1").packed]
+    for sources in (v4, v6, v4 + v6):
+        for bits in ((24, 64), (22, 56), (32, 128), (8, 17)):
+            assert prefix_keys(sources, *bits) == [prefix_key(s, *bits) for s in sources]
 
 
 def test_packet_sources_leaves_out_extra_messages() -> None:
