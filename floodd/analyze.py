@@ -21,8 +21,7 @@ from floodd.policy import Trigger, evaluate
 from floodd.qtypes import qtype_name
 from floodd.ratetable import RateTable
 from floodd.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                            prefix_key,
-                            prefix_network, qtype_key, split_qtype_key)
+                            prefix_keys, prefix_network, qtype_key, split_qtype_key)
 
 # One bucket wider than any capture: a RateTable that never slides is a bounded counter.
 _FOREVER = float(2**40)
@@ -81,15 +80,14 @@ class Analyzer:
         if not records:
             return
         self.traffic.add_batch(batch)
-        sources, _ = packet_sources(records)
-        self.lifetime.add_counts(0.0, sources)
-        prefixes: Counter[bytes] = Counter()
-        for src, n in sources.items():
-            prefixes[prefix_key(src, 24, 64)] += n
-        self.lifetime_prefixes.add_counts(0.0, prefixes)
-        self.lifetime_qtypes.add_counts(0.0, Counter(
-            qtype_key(r[1], MALFORMED_QTYPE if r[5] & F_MALFORMED else r[3] & 0xFFFF)
-            for r in records))
+        sources = packet_sources(records)
+        self.lifetime.add_keys(0.0, sources)
+        self.lifetime_prefixes.add_keys(0.0, prefix_keys(sources, 24, 64))
+        # Each source's query-type mix; packets with no query type known (e.g. a
+        # bare TCP segment) have none to add.
+        self.lifetime_qtypes.add_keys(0.0, [
+            qtype_key(r[1], MALFORMED_QTYPE if r[5] & F_MALFORMED else r[3])
+            for r in records if r[3] >= 0 or r[5] & F_MALFORMED])
 
     def _evaluate(self, now: float) -> None:
         for trig in evaluate(now, self.traffic, self.config.rules):
@@ -115,8 +113,7 @@ class Analyzer:
         mixes: dict[bytes, Counter[str]] = {}
         for key, n in self.lifetime_qtypes.top(0.0, len(self.lifetime_qtypes)):
             src, code = split_qtype_key(key)
-            if code != 0xFFFF:  # 0xFFFF: no query type known (e.g. a bare TCP segment)
-                mixes.setdefault(src, Counter())[qtype_label(code)] += n
+            mixes.setdefault(src, Counter())[qtype_label(code)] += n
         for src, n in self.lifetime.top(0.0, top):
             rep.sources.append({
                 "source": str(address_network(src).network_address), "packets": n,

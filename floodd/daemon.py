@@ -30,10 +30,10 @@ from floodd.control import ControlServer
 from floodd.errors import FlooddError
 from floodd.expiry import BanTracker
 from floodd.firewall import make_backend
-from floodd.firewall.base import Backend, Ban, InstalledBan, Network
+from floodd.firewall.base import Backend, Ban, Network
 from floodd.log import EventLog
 from floodd.notify import Notifier
-from floodd.policy import Offence, Trigger, evaluate, plan
+from floodd.policy import Offence, Trigger, evaluate, plan, remembered
 from floodd.safety import own_networks, protected_reason
 from floodd.state import load_offences, save_offences
 from floodd.traffic import Traffic, address_network
@@ -118,7 +118,6 @@ class Daemon:
         self.backend: Backend | None = None
         self.backend_note = ""
         self.bans: dict[Network, Ban] = {}
-        self.counters: dict[Network, InstalledBan] = {}
         self.banned_sources: set[bytes] = set()
         self.offences: dict[Network, Offence] = {}
         self.tracker: BanTracker | None = None
@@ -236,7 +235,6 @@ class Daemon:
         now = time.time()
         for ib in installed:
             self.bans[ib.network] = Ban(ib.network, ib.rule, ib.since, ib.expires)
-            self.counters[ib.network] = ib
         self._refresh_banned_sources()
         self.tracker = BanTracker(cfg.firewall)
         self.tracker.adopt(now, installed)
@@ -334,9 +332,7 @@ class Daemon:
                     self.banned_sources.add(src)
                     self.traffic.sources.forget(src)
         for ban, (trig, seconds) in zip(new, decided.bans):
-            old = self.offences.get(ban.network)
-            if old is not None and now - old.last > fw.max_ban_time:
-                old = None  # forgotten: policy.ban_time no longer counts it either
+            old = remembered(self.offences.get(ban.network), now, fw.max_ban_time)
             self.offences[ban.network] = Offence((old.count if old else 0) + 1, now)
             repeat = f", offence #{old.count + 1}" if old else ""
             self.log.notice(
@@ -403,14 +399,12 @@ class Daemon:
             self.backend.unban([ib.network for ib in decision.unban])
         if decision.extend or decision.unban:
             self.backend.commit()
-        self.counters = {ib.network: ib for ib in installed}
         with self.lock:
             for ban in decision.extend:
                 self.bans[ban.network] = ban
             for ended in [*(ib.network for ib in decision.unban),
                           *(b.network for b in decision.expired)]:
                 self.bans.pop(ended, None)
-                self.counters.pop(ended, None)
             self._refresh_banned_sources()
         stale = self.config.firewall.stale_after
         for ib in decision.unban:

@@ -7,14 +7,11 @@ with a trigger (safety checks, the ban cap, escalation) is decided by the caller
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from floodd.config import Rule
+from floodd.config import Network, Rule
 from floodd.traffic import Traffic, address_network, prefix_network, rule_qtype, split_qtype_key
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,6 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule]) -> list[Trigge
     return triggers
 
 
-
 @dataclass(frozen=True)
 class Offence:
     """A network's ban history, for escalating repeat offenders."""
@@ -79,13 +75,16 @@ class Plan:
     refused: list[Refusal]
 
 
+def remembered(offence: Offence | None, now: float, cap: float) -> Offence | None:
+    """The offence if it still counts: it is forgotten ``cap`` seconds after its last ban."""
+    return offence if offence is not None and now - offence.last <= cap else None
+
+
 def ban_time(trigger: Trigger, offence: Offence | None, now: float, factor: float,
              cap: float) -> float:
-    """The rule's ban time, times ``factor`` per earlier ban still remembered, capped.
-
-    An offence is forgotten once ``cap`` seconds have passed since its last ban.
-    """
-    if offence is None or now - offence.last > cap:
+    """The rule's ban time, times ``factor`` per earlier ban still remembered, capped."""
+    offence = remembered(offence, now, cap)
+    if offence is None:
         return min(trigger.ban_time, cap)
     return min(trigger.ban_time * factor ** offence.count, cap)
 

@@ -14,7 +14,8 @@ import os
 import tempfile
 from typing import Mapping
 
-from floodd.policy import Network, Offence
+from floodd.config import Network
+from floodd.policy import Offence
 
 FILE_NAME = "offences.json"
 MAX_ENTRIES = 100_000

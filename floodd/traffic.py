@@ -2,36 +2,33 @@
 
 Keys are bytes, cheap to slice from the packet and to hash:
   * source:         the packed address (4 bytes IPv4, 16 bytes IPv6);
-  * prefix:         the packed address cut to the rule's prefix length (see
+  * prefix:         the packed network address of the rule's prefix length (see
                     :func:`prefix_key`), one table per (v4, v6) prefix-length pair;
-  * source + qtype: the packed address followed by the qtype as 2 bytes, for the
+  * source + qtype: the packed address followed by the qtype in 3 bytes, for the
                     query types some rule matches (``malformed`` is the pseudo
                     type ``MALFORMED_QTYPE``).
-Per batch the work is a C-level ``Counter`` over the records, then one table
-update per distinct key, so a flood from few sources costs almost nothing per
-packet and a spoofed flood costs one dict update per packet.
+Per batch every per-packet step runs in C (``map``, ``Counter``, and the rate
+table's ``add_keys``); Python-level loops touch only flagged records and the
+query types a rule watches.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from dataclasses import dataclass
-from operator import itemgetter
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from itertools import filterfalse, repeat
-from operator import add
+from operator import add, itemgetter
 from typing import Any, Callable
 
-from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Rule
+from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Network, Rule
 from floodd.parse import F_EXTRA, F_MALFORMED, Batch, Record
 from floodd.ratetable import RateTable
 
 # Not a real qtype (those are 0..65535): marks malformed packets in the qtype tables.
 MALFORMED_QTYPE = 0x1_0000
 _QT_BYTES = 3  # bytes used for the qtype suffix of a source+qtype key
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _src = itemgetter(1)
 _qtype = itemgetter(3)
@@ -92,22 +89,15 @@ def rule_qtype(rule: Rule) -> int | None:
     return rule.qtype
 
 
-def packet_sources(records: list[Record]) -> tuple[Counter[bytes], list[Record]]:
-    """Packets per source, and the records that carry any flag.
+def packet_sources(records: list[Record]) -> list[bytes]:
+    """The source of every packet among ``records``.
 
     Records flagged F_EXTRA (further DNS messages in one TCP segment) are queries
-    but not packets, so they are left out of the per-source packet counts.
+    but not packets, so they are left out.
     """
-    sources = Counter(map(_src, records))
-    if not any(map(_flags, records)):  # the usual case, checked at C speed
-        return sources, []
-    flagged = [r for r in records if r[5]]
-    extra = False
-    for rec in flagged:
-        if rec[5] & F_EXTRA:
-            sources[rec[1]] -= 1
-            extra = True
-    return (+sources if extra else sources), flagged
+    if any(map(_flags, records)):
+        return [r[1] for r in records if not r[5] & F_EXTRA]
+    return list(map(_src, records))  # the usual case, at C speed
 
 
 @dataclass(frozen=True)
@@ -191,13 +181,9 @@ class Traffic:
         # Every per-packet step below runs in C (map, Counter, set and dict
         # methods); Python-level loops only touch flagged records and watched qtypes.
         qtypes = Counter(map(_qtype, records))
-        malformed: list[bytes] = []
-        if any(map(_flags, records)):
-            malformed = [r[1] for r in records if r[5] & F_MALFORMED]
-            # Further DNS messages in one TCP segment: queries, but not packets.
-            sources = [r[1] for r in records if not r[5] & F_EXTRA]
-        else:
-            sources = list(map(_src, records))
+        malformed = [r[1] for r in records if r[5] & F_MALFORMED] \
+            if any(map(_flags, records)) else []
+        sources = packet_sources(records)
         self.packets += len(sources)
         if malformed:
             self.malformed += len(malformed)

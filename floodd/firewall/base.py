@@ -10,11 +10,10 @@ of what is banned: every ban carries its rule, start and expiry in the kernel
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from floodd.config import Network as Network  # re-exported: the backends' address type
 
 
 @dataclass(frozen=True)
