@@ -22,7 +22,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one ``floodd: ...`` line, exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise FlooddError(f"{self.prog.removeprefix('floodd ') or 'floodd'}: {message} "
+        # main() prints "floodd: " before every error; a subcommand adds its own name.
+        command = self.prog.removeprefix("floodd").strip()
+        raise FlooddError(f"{command + ': ' if command else ''}{message} "
                           f"(see '{self.prog} --help')")
 
 

@@ -198,6 +198,8 @@ def _print_top(top: list[dict[str, Any]]) -> None:
 
 
 def _top(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise FlooddError(f"top: -n: expected a positive number, got {args.n}")
     reply = request(_socket_path(args), "top", n=args.n)
     if args.json:
         print(json.dumps(reply["top"], indent=1))
