@@ -1,7 +1,7 @@
 """floodd end to end under the hardest flood this machine can make (scenario 1 of
 tests/test_scenarios.py at full speed), against the same flood with no floodd.
 
-In a lab (floodd.lab.netns: BIND in a namespace, one worker thread), three flooders hit
+In a lab (lab.netns: BIND in a namespace, one worker thread), three flooders hit
 BIND for --seconds while a legitimate client asks --legit-rate queries/s with dnsperf:
 
   * generator ``tcpreplay`` (default): a capture of queries from the three flooders'
@@ -18,7 +18,7 @@ Run twice in the same lab, the baseline first:
             (/proc), BIND's CPU before the last ban and from 1 s after it to the end,
             the legitimate answer rate.
 
-    .venv/bin/python bench/bench_e2e.py [--seconds S] [--generator tcpreplay|dnsperf]
+    .venv/bin/python -m bench.bench_e2e [--seconds S] [--generator tcpreplay|dnsperf]
                                         [--legit-rate QPS]
 
 Target (exit status 1 if missed): with floodd, every flooder banned within 3 s of the
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from floodd.config import DEFAULT_RULES
-from floodd.lab import load
-from floodd.lab.netns import Lab
+from lab import load
+from lab.netns import Lab
 
 FLOODERS = ("203.0.113.11", "203.0.113.12", "203.0.113.13")
 LEGIT = "198.51.100.10"
@@ -144,7 +144,7 @@ def measure(lab: Lab, work: Path, generator: str, seconds: float, legit_rate: fl
     if with_floodd:
         config = load.lab_config(work, list(DEFAULT_RULES), rate_table={"window": 60},
                                  firewall={"rescan_interval": 2})
-        fl = load.FlooddProcess(lab, config, work / "floodd.log").start()
+        fl = load.FlooddProcess(lab, config, work / "floodd.service.journal").start()
         pids["floodd"] = fl.pid
     watcher = load.BanWatcher(lab, interval=0.05, limit=seconds + 30).start()
     sampler = Sampler(pids).start()

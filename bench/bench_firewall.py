@@ -1,6 +1,6 @@
 """Firewall-stage speed: 10,000 bans in one batch, and what 10,000 bans cost BIND.
 
-In lab namespaces (floodd.lab.netns, a real BIND), for each backend this host can run
+In lab namespaces (lab.netns, a real BIND), for each backend this host can run
 (nftables; iptables through python-iptables when usable), a process inside the server
 namespace times
 
@@ -15,7 +15,7 @@ and 0 bans, and again with the 10,000 bans installed, alternating --rounds times
 machine is shared: the best rate of each kind is kept): the ratio of the two rates is what
 the ruleset costs every query.
 
-    .venv/bin/python bench/bench_firewall.py [--bans N] [--seconds S] [--rounds N]
+    .venv/bin/python -m bench.bench_firewall [--bans N] [--seconds S] [--rounds N]
                                              [--backend NAME]
 
 Targets (exit status 1 if missed): each of (a), (b), (c) at most 1 s for 10,000 bans.
@@ -37,8 +37,8 @@ import time
 from typing import Any
 
 from floodd.config import FirewallConfig
-from floodd.firewall import make_backend
-from floodd.firewall.base import Backend, Ban
+from floodd.enforce.firewall import make_backend
+from floodd.enforce.firewall.base import Backend, Ban
 
 TARGET_SECONDS = 1.0
 BASELINE_BANS = 50
@@ -126,12 +126,12 @@ def dnsperf(lab: Any, queries: str, seconds: float) -> float:
 def usable(name: str) -> bool:
     if name == "nftables":
         return shutil.which("nft") is not None
-    from floodd.firewall import legacy_iptables_problem
+    from floodd.enforce.firewall import legacy_iptables_problem
     return shutil.which("iptables-legacy") is not None and legacy_iptables_problem() is None
 
 
 def outer(names: list[str], count: int, seconds: float, rounds: int) -> int:
-    from floodd.lab.netns import Lab
+    from lab.netns import Lab
 
     missed = False
     with tempfile.TemporaryDirectory(prefix="floodd-bench-") as tmp, Lab("fb") as lab:

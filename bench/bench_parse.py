@@ -1,11 +1,11 @@
 """Parse-stage throughput: floodd's parser against a dpkt full decode of the same frames.
 
-Generates a capture of DNS queries from many sources (floodd.synth) in a temporary
+Generates a capture of DNS queries from many sources (lab.synth) in a temporary
 directory, then times in this process
 
   (a) floodd: OfflineCapture -> Parser.parse_batch -> per-source Counter update;
   (b) floodd's daemon path: the same, counted into the rate tables of the default
-      rules (floodd.traffic.Traffic: per source, per /24, per source+ANY, per qtype);
+      rules (floodd.detect.traffic.Traffic: per source, per /24, per source+ANY, per qtype);
   (c) dpkt: pcap reader -> Ethernet -> IP -> UDP -> dpkt.dns.DNS, per-source Counter;
 
 and checks (a) and (c) agree on the per-source counts.  Targets: parse-and-count (a)
@@ -14,7 +14,7 @@ the daemon, is printed with its own ratio.  Rates are packets per second of this
 time (one thread: per core), best of --repeat runs, so that other load on the
 machine disturbs them less; wall-clock rates are printed too.
 
-    .venv/bin/python bench/bench_parse.py [--packets N] [--sources N] [--linktype 1|113]
+    .venv/bin/python -m bench.bench_parse [--packets N] [--sources N] [--linktype 1|113]
                                           [--repeat N]
 """
 
@@ -31,10 +31,10 @@ from typing import Callable
 
 import dpkt
 
-from floodd.capture import OfflineCapture
+from floodd.detect.capture import OfflineCapture
 from floodd.config import default_config
-from floodd.traffic import Traffic
-from floodd.synth import generate_flood_capture
+from floodd.detect.traffic import Traffic
+from lab.synth import generate_flood_capture
 
 TARGET_RATE = 500_000.0
 TARGET_RATIO = 5.0

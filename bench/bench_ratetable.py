@@ -5,7 +5,7 @@ simulated packet rate in capture batches, plus one heavy hitter (203.0.113.7)
 at a steady rate, through RateTable.add_counts on a fake clock.  Then streams
 the same packets through a plain unbounded dict counter in the same process.
 
-    .venv/bin/python bench/bench_ratetable.py [--sources N] [--window S] ...
+    .venv/bin/python -m bench.bench_ratetable [--sources N] [--window S] ...
 
 Targets (exit status 1 if missed): peak RSS of the bounded run at most
 --max-rss-mb, the heavy hitter reported in top() and over() and never
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from floodd.ratetable import RateTable
+from floodd.detect.ratetable import RateTable
 
 HITTER = bytes([203, 0, 113, 7])
 START = 1000.0

@@ -6,4 +6,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/setup.sh
-exec .venv/bin/python -m floodd.lab.demo "$@"
+exec .venv/bin/python -m lab.demo "$@"

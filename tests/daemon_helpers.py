@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from floodd.control import request
+from floodd.service.control import request
 
 FLOODD = [sys.executable, "-m", "floodd"]
 JOURNALD = "/lib/systemd/systemd-journald"

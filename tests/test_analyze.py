@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from floodd.config import build_config
-from floodd.analyze import analyze_file, format_report
-from floodd.synth import generate_flood_capture
+from floodd.cli.analyze import analyze_file, format_report
+from lab.synth import generate_flood_capture
 from test_parse import PCAPS, reference_count
 
 ALL_PCAPS = sorted(PCAPS.glob("*.pcap"))

@@ -1,4 +1,4 @@
-"""floodd.capture: capture files (pcap and pcapng), the BPF filter, and a live capture
+"""floodd.detect.capture: capture files (pcap and pcapng), the BPF filter, and a live capture
 on a veth pair between two network namespaces made by the test."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import dpkt
 import pcapy
 import pytest
 
-from floodd import synth
-from floodd.capture import LiveCapture, OfflineCapture, build_filter
+from lab import synth
+from floodd.detect.capture import LiveCapture, OfflineCapture, build_filter
 from floodd.config import CaptureConfig
 from floodd.errors import FlooddError
-from floodd.parse import F_FRAGMENT, Record
+from floodd.detect.parse import F_FRAGMENT, Record
 
-PCAPS = Path(__file__).resolve().parents[2] / "shared" / "pcaps"
+from test_parse import PCAPS
 ROOT = os.geteuid() == 0
 CLIENT = "198.51.100.7"
 SERVER = "192.0.2.1"
@@ -211,7 +211,7 @@ def test_live_errors() -> None:
 
 CHILD = r"""
 import json, socket, sys, time
-from floodd.capture import LiveCapture
+from floodd.detect.capture import LiveCapture
 from floodd.config import CaptureConfig
 
 cap = LiveCapture(sys.argv[1], CaptureConfig(batch_size=64))
@@ -235,7 +235,7 @@ cap.close()
 
 SENDER = r"""
 import socket, sys
-from floodd.synth import dns_query
+from lab.synth import dns_query
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], 0))
 for qtype in ("A", "AAAA", "ANY", "TYPE65399"):

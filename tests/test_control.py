@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from floodd import cli
-from floodd.control import ControlServer, NotRunning, request
+from floodd.service.control import ControlServer, NotRunning, request
 from floodd.errors import FlooddError
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]

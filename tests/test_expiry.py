@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from floodd.config import FirewallConfig
-from floodd.expiry import BanTracker
-from floodd.firewall.base import Ban, InstalledBan
+from floodd.enforce.expiry import BanTracker
+from floodd.enforce.firewall.base import Ban, InstalledBan
 
 T0 = 1_700_000_000.0
 NET = ipaddress.ip_network("198.51.100.7/32")

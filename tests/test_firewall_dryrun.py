@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable
 
-from floodd.firewall.base import Ban, InstalledBan
-from floodd.firewall.dryrun import DryRunBackend
+from floodd.enforce.firewall.base import Ban, InstalledBan
+from floodd.enforce.firewall.dryrun import DryRunBackend
 
 net = ipaddress.ip_network
 T0 = 1_700_000_000.0

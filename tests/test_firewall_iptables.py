@@ -1,4 +1,4 @@
-"""floodd.firewall.iptables against the real kernel, in the namespaces of conftest's lab.
+"""floodd.enforce.firewall.iptables against the real kernel, in the namespaces of conftest's lab.
 
 Every backend step runs in a child ``python`` started with ``ip netns exec`` in the
 lab's server namespace (python-iptables acts on the namespace of its process), so each
@@ -15,8 +15,8 @@ from typing import Any, Callable
 import pytest
 
 from floodd.errors import FlooddError
-from floodd.firewall.iptables import IptablesBackend
-from floodd.lab.netns import Lab
+from floodd.enforce.firewall.iptables import IptablesBackend
+from lab.netns import Lab
 
 Send = Callable[[str, int], None]
 WaitFor = Callable[..., bool]
@@ -35,8 +35,8 @@ _COUNTERS = re.compile(r" \[\d+:\d+\]$")  # a chain's [packets:bytes] in iptable
 _DRIVER = r"""
 import ipaddress, json, sys
 from floodd.errors import FlooddError
-from floodd.firewall.base import Ban
-from floodd.firewall.iptables import IptablesBackend
+from floodd.enforce.firewall.base import Ban
+from floodd.enforce.firewall.iptables import IptablesBackend
 
 spec = json.loads(sys.argv[1])
 results = []

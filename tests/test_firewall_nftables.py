@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from floodd.config import FirewallConfig
 from floodd.errors import FlooddError
-from floodd.firewall import BACKENDS, auto_choice, make_backend
-from floodd.firewall.base import Backend, Ban, InstalledBan
-from floodd.firewall.dryrun import DryRunBackend
-from floodd.firewall.nftables import (NftablesBackend, element_comment, parse_comment,
+from floodd.enforce.firewall import BACKENDS, auto_choice, make_backend
+from floodd.enforce.firewall.base import Backend, Ban, InstalledBan
+from floodd.enforce.firewall.dryrun import DryRunBackend
+from floodd.enforce.firewall.nftables import (NftablesBackend, element_comment, parse_comment,
                                       parse_table, plan_commit, render_commit)
 
 net = ipaddress.ip_network

@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from floodd.config import load_config
-from floodd.parse import F_MALFORMED, LINKTYPE_ETHERNET, Parser
+from floodd.detect.parse import F_MALFORMED, LINKTYPE_ETHERNET, Parser
 from floodd.qtypes import qtype_code
-from floodd.lab import load
+from lab import load
 
 WIRE = load.Wire(bytes.fromhex("0200000000aa"), bytes.fromhex("0200000000bb"))
 
@@ -180,7 +180,7 @@ def test_interleave_spreads_a_small_stream() -> None:
 
 
 def test_write_frames_is_a_pcap_floodd_reads(tmp_path: Path) -> None:
-    from floodd.capture import OfflineCapture
+    from floodd.detect.capture import OfflineCapture
 
     path = load.write_frames(tmp_path / "f.pcap", load.query_frames(WIRE, "198.51.100.3", 7))
     capture = OfflineCapture(str(path))
@@ -288,7 +288,7 @@ def test_kernel_bans_and_the_watcher(bind_lab: Any) -> None:
 # --- the demo (floodd/lab/demo.py; the live one is run by hand: it takes 25 s) --------
 def test_offline_demo_prints_floodd_analyze_of_a_generated_capture(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from floodd.lab import demo
+    from lab import demo
 
     capture = tmp_path / "sample.pcap"
     assert demo.main(["--offline", "--capture", str(capture)]) == 0
@@ -305,7 +305,7 @@ def test_offline_demo_prints_floodd_analyze_of_a_generated_capture(
                                   ["--legit-rate", "0"]])
 def test_demo_refuses_out_of_range_options(args: list[str],
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from floodd.lab import demo
+    from lab import demo
 
     assert demo.main(args) == 2
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from floodd.notify import Notifier
+from floodd.service.notify import Notifier
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""floodd.parse: real captures against an independent dpkt count, hand-built frames,
+"""floodd.detect.parse: real captures against an independent dpkt count, hand-built frames,
 and property tests (random bytes, truncations, a reference DNS question walker)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,10 +17,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from floodd import synth
-from floodd.capture import OfflineCapture
+from lab import synth
+from floodd.detect.capture import OfflineCapture
 from floodd.errors import FlooddError
-from floodd.parse import (
+from floodd.detect.parse import (
     F_EXTRA,
     F_FRAGMENT,
     F_MALFORMED,
@@ -30,7 +32,7 @@ from floodd.parse import (
 )
 from floodd.qtypes import qtype_code, qtype_name
 
-PCAPS = Path(__file__).resolve().parents[2] / "shared" / "pcaps"
+PCAPS = Path(__file__).parent / "data" / "pcaps"  # vendored: see its SOURCES.md
 EXPECTED = yaml.safe_load((Path(__file__).parent / "data" / "parse_pcaps.yaml").read_text())
 
 CLIENT = "198.51.100.7"
@@ -223,6 +225,15 @@ def test_shared_capture(case: dict[str, Any]) -> None:
 
 def test_shared_captures_all_listed() -> None:
     assert {c["file"] for c in EXPECTED} == {p.name for p in PCAPS.glob("*.pcap")}
+
+
+def test_vendored_captures_match_their_sources() -> None:
+    """Every capture SOURCES.md lists is here, byte for byte: a missing one fails, never skips."""
+    listed = re.findall(r"^\| (\S+\.pcap) \| `([0-9a-f]{64})` \|$",
+                        (PCAPS / "SOURCES.md").read_text(), flags=re.M)
+    assert len(listed) == len(EXPECTED)
+    for name, sha256 in listed:
+        assert hashlib.sha256((PCAPS / name).read_bytes()).hexdigest() == sha256, name
 
 
 def test_tcp_capture_segments_and_names() -> None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 import ipaddress
 
 from floodd.config import build_config
-from floodd.parse import Batch, Record
-from floodd.policy import Offence, Trigger, ban_time, evaluate, plan
-from floodd.traffic import Traffic
+from floodd.detect.parse import Batch, Record
+from floodd.decide.policy import Offence, Trigger, ban_time, evaluate, plan
+from floodd.detect.traffic import Traffic
 
 net = ipaddress.ip_network
 

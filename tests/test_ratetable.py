@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from floodd.ratetable import RateTable
+from floodd.detect.ratetable import RateTable
 
 
 class Reference:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from floodd.safety import own_networks, parse_ip_addr, protected_reason
+from floodd.decide.safety import own_networks, parse_ip_addr, protected_reason
 
 net = ipaddress.ip_network
 WHITELIST = (net("127.0.0.0/8"), net("::1/128"), net("198.51.100.0/28"))

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from floodd.lab import load
-from floodd.lab.netns import Lab
+from lab import load
+from lab.netns import Lab
 
 BAN_WITHIN = 3.0  # seconds from a flooder's first query to its ban in the kernel
 FLOOD_RATE = 6000  # queries/s per dnsperf flooder
@@ -83,7 +83,7 @@ def floodd(lab: Lab, tmp_path: Path) -> Iterator[Start]:
         options.setdefault("firewall", FIREWALL)
         options.setdefault("daemon", DAEMON)
         config = load.lab_config(tmp_path, options.pop("rules", RULES), **options)
-        proc = load.FlooddProcess(lab, config, tmp_path / "floodd.log")
+        proc = load.FlooddProcess(lab, config, tmp_path / "floodd.service.journal")
         started.append(proc)
         return proc.start()
 

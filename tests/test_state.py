@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import floodd.state
-from floodd.policy import Network, Offence
-from floodd.state import FILE_NAME, load_offences, save_offences
+import floodd.enforce.state
+from floodd.decide.policy import Network, Offence
+from floodd.enforce.state import FILE_NAME, load_offences, save_offences
 
 NOW = 1_700_000_000.0
 DAY = 86_400.0
@@ -46,7 +46,7 @@ def test_old_offences_are_forgotten(tmp_path: Path) -> None:
 
 def test_only_the_newest_entries_are_kept(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(floodd.state, "MAX_ENTRIES", 3)
+    monkeypatch.setattr(floodd.enforce.state, "MAX_ENTRIES", 3)
     offences = {net(f"198.51.100.{i}/32"): Offence(1, NOW - i) for i in range(10)}
     save_offences(str(tmp_path), offences, NOW, DAY)
     assert set(load_offences(str(tmp_path))) == {net(f"198.51.100.{i}/32") for i in range(3)}

@@ -1,4 +1,4 @@
-"""floodd.synth: frames that dpkt and libpcap accept, with correct checksums."""
+"""lab.synth: frames that dpkt and libpcap accept, with correct checksums."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import dpkt
 import pytest
 
-from floodd import synth
-from floodd.capture import OfflineCapture
-from floodd.parse import LINKTYPE_LINUX_SLL
+from lab import synth
+from floodd.detect.capture import OfflineCapture
+from floodd.detect.parse import LINKTYPE_LINUX_SLL
 
 
 def internet_checksum_ok(data: bytes) -> bool:

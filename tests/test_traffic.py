@@ -3,8 +3,8 @@ from __future__ import annotations
 import ipaddress
 
 from floodd.config import build_config
-from floodd.parse import F_EXTRA, F_MALFORMED, Batch, Record
-from floodd.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
+from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record
+from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
                             prefix_key, prefix_keys, prefix_network, qtype_key,
                             split_qtype_key)
 

@@ -1,0 +1,1 @@
+"""Decide: which counts cross which rule, what may be banned, for how long."""

@@ -1,0 +1,1 @@
+"""Detect: packets from libpcap or a capture file, parsed and counted in sliding windows."""

@@ -1,0 +1,211 @@
+"""Capture stage: packets from a live interface or a capture file, parsed into batches.
+
+Both sources hand out :class:`floodd.detect.parse.Batch` objects.  A live capture is
+nonblocking and waits on its file descriptor with the caller's timeout: libpcap's
+own read timeout can block forever on an idle Linux interface.  It only sees
+packets arriving at the host (``PCAP_D_IN``), like the Linux cooked frames the
+parser counts.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+import pcapy
+
+from floodd.config import CaptureConfig
+from floodd.errors import FlooddError
+from floodd.detect.parse import LINKTYPE_ETHERNET, Batch, Parser
+
+READ_TIMEOUT_MS = 50  # libpcap's buffering timeout; waits are done with select()
+
+
+@dataclass(frozen=True)
+class CaptureStats:
+    received: int  # packets the capture received (offline: frames read)
+    dropped: int  # dropped by the kernel: the capture did not keep up
+    if_dropped: int  # dropped by the interface or its driver
+
+
+class PacketSource(Protocol):
+    linktype: int
+
+    def read(self, timeout: float) -> Batch | None:
+        """The next batch, waiting at most ``timeout`` seconds for one; an empty batch
+        on timeout (live), None at the end of a file (offline)."""
+
+    def stats(self) -> CaptureStats:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def build_filter(ports: Iterable[int], protocols: Iterable[str], extra: str = "", *,
+                 vlan: bool = True) -> str:
+    """A BPF filter passing queries to the DNS ports over the protocols, and the
+    IPv4/IPv6 fragments that may belong to them; ``vlan`` repeats the test for
+    frames with one or two 802.1Q/802.1ad tags (Ethernet only); ``extra`` is and-ed
+    to the whole."""
+    port_list = sorted(set(ports))
+    protos = [p for p in ("udp", "tcp") if p in {q.lower() for q in protocols}]
+    if not port_list or not protos:
+        raise FlooddError("capture needs at least one port and one protocol")
+    numbers = {"udp": 17, "tcp": 6}
+    dst = " or ".join(f"dst port {p}" for p in port_list)
+    l4 = " or ".join(protos)
+    ip_proto = " or ".join(f"ip[9] == {numbers[p]}" for p in protos)
+    ip6_proto = " or ".join(f"ip6[40] == {numbers[p]}" for p in protos)
+    # Non-first IPv4 fragments carry no ports; an IPv6 fragment header is checked
+    # only right after the fixed header.
+    core = (f"(({l4}) and ({dst})) or (({ip_proto}) and ip[6:2] & 0x1fff != 0)"
+            f" or (ip6[6] == 44 and ({ip6_proto}))")
+    if extra.strip():
+        core = f"({core}) and ({extra})"
+    # Each "vlan" moves the offsets of everything after it in the expression by one
+    # tag: untagged, then one tag, then two (QinQ).
+    return f"{core} or (vlan and ({core} or (vlan and ({core}))))" if vlan else core
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc).strip().rstrip(".") or type(exc).__name__
+
+
+_ACTIVATE_ERRORS = {
+    -4: "not activated", -5: "no such device", -6: "monitor mode not supported",
+    -7: "the interface is not up", -8: "permission denied (capturing needs root or "
+    "CAP_NET_RAW)", -9: "the interface is not up", -11: "promiscuous mode not permitted",
+}
+
+
+class LiveCapture:
+    """Packets arriving on one interface (``any``: all of them)."""
+
+    def __init__(self, interface: str, config: CaptureConfig) -> None:
+        self.interface = interface
+        self._batch_size = config.batch_size
+        pcap = self._open(interface, config)
+        try:
+            self.linktype: int = pcap.datalink()
+            try:
+                self._parser = Parser(self.linktype, config.ports, config.protocols)
+            except FlooddError as exc:
+                raise FlooddError(f"cannot capture on interface {interface}: {exc}") from None
+            expr = build_filter(config.ports, config.protocols, config.bpf_filter,
+                                vlan=self.linktype == LINKTYPE_ETHERNET)
+            try:
+                pcap.setfilter(expr)
+            except pcapy.PcapError as exc:
+                raise FlooddError(f"bad capture filter {expr!r}: {_error_text(exc)}") from None
+            try:
+                pcap.setdirection(pcapy.PCAP_D_IN)
+                pcap.setnonblock(1)
+                self._fd: int = pcap.getfd()
+            except pcapy.PcapError as exc:
+                raise FlooddError(f"cannot capture on interface {interface}: "
+                                  f"{_error_text(exc)}") from None
+        except BaseException:
+            pcap.close()
+            raise
+        self._pcap = pcap
+
+    @staticmethod
+    def _open(interface: str, config: CaptureConfig) -> Any:
+        try:
+            pcap: Any = pcapy.create(interface)
+            pcap.set_snaplen(config.snaplen)
+            pcap.set_timeout(READ_TIMEOUT_MS)
+            pcap.set_buffer_size(config.buffer_size_mb << 20)
+            status = pcap.activate()
+        except pcapy.PcapError as exc:
+            raise FlooddError(f"cannot capture on interface {interface}: "
+                              f"{_error_text(exc)}") from None
+        # libpcap reports some failures (PCAP_ERROR_NO_SUCH_DEVICE = -5,
+        # PCAP_ERROR_PERM_DENIED = -8, ...) as a negative status, not an exception.
+        if isinstance(status, int) and status < 0:
+            reason = _ACTIVATE_ERRORS.get(status, f"libpcap error {status}")
+            pcap.close()
+            raise FlooddError(f"cannot capture on interface {interface}: {reason}")
+        return pcap
+
+    def read(self, timeout: float) -> Batch:
+        # libpcap may hold packets already read from the kernel: try before waiting.
+        data, meta = self._pcap.next_batch(self._batch_size)
+        if not meta:
+            ready, _, _ = select.select([self._fd], [], [], max(timeout, 0.0))
+            if not ready:
+                return Batch([], 0, 0)
+            data, meta = self._pcap.next_batch(self._batch_size)
+        return self._parser.parse_batch(data, meta)
+
+    def stats(self) -> CaptureStats:
+        received, dropped, if_dropped = self._pcap.stats()
+        return CaptureStats(received, dropped, if_dropped)
+
+    def close(self) -> None:
+        self._pcap.close()
+
+
+class OfflineCapture:
+    """Frames of a pcap or pcapng file, read in batches; the parser decides what counts."""
+
+    def __init__(self, path: str, ports: Iterable[int] = (53,),
+                 protocols: Iterable[str] = ("udp", "tcp"), batch_size: int = 4096) -> None:
+        self.path = path
+        self._batch_size = batch_size
+        if os.path.isdir(path):
+            raise FlooddError(f"cannot read capture {path}: is a directory")
+        try:
+            self._size = os.path.getsize(path)
+        except OSError as exc:
+            raise FlooddError(f"cannot read capture {path}: {exc.strerror or exc}") from None
+        try:
+            pcap: Any = pcapy.open_offline(path)
+        except pcapy.PcapError as exc:
+            text = _error_text(exc)
+            if "unknown file format" in text or "truncated dump file" in text:
+                text = "not a pcap or pcapng file"
+            elif text.startswith(f"{path}: "):
+                text = text[len(path) + 2:]
+            raise FlooddError(f"cannot read capture {path}: {text}") from None
+        self._pcap = pcap
+        self.linktype: int = pcap.datalink()
+        try:
+            self._parser = Parser(self.linktype, ports, protocols)
+        except FlooddError as exc:
+            pcap.close()
+            raise FlooddError(f"cannot read capture {path}: {exc}") from None
+        self._frames = 0
+        self._bytes = 24
+        self._done = False
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the file read so far (estimated from the frame sizes), 0 to 1."""
+        if self._done or not self._size:
+            return 1.0
+        return min(self._bytes / self._size, 1.0)
+
+    def read(self, timeout: float = 0.0) -> Batch | None:
+        """The next batch; the parser's pending state at the end; then None."""
+        if self._done:
+            return None
+        try:
+            data, meta = self._pcap.next_batch(self._batch_size)
+        except pcapy.PcapError as exc:
+            raise FlooddError(f"cannot read capture {self.path}: {_error_text(exc)}") from None
+        if not meta:
+            self._done = True
+            return self._parser.flush()
+        self._frames += len(meta) // 16
+        self._bytes += len(data) + len(meta)
+        return self._parser.parse_batch(data, meta)
+
+    def stats(self) -> CaptureStats:
+        return CaptureStats(self._frames, 0, 0)
+
+    def close(self) -> None:
+        self._pcap.close()

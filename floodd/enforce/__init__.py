@@ -1,0 +1,1 @@
+"""Enforce: the bans in the kernel firewall, the state kept across restarts."""

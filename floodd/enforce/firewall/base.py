@@ -1,0 +1,89 @@
+"""The firewall stage's one interface, shared by every backend.
+
+A backend owns exactly one table/chain of its own (nftables table ``inet floodd``,
+iptables chain ``FLOODD``) and never touches anything else.  Changes are buffered
+by :meth:`Backend.ban` / :meth:`Backend.unban` and applied in one batch by
+:meth:`Backend.commit`, never one process per element.  The kernel is the record
+of what is banned: every ban carries its rule, start and expiry in the kernel
+(set element comment / rule comment) so a restarted floodd can adopt it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from floodd.config import Network as Network  # re-exported: the backends' address type
+
+
+@dataclass(frozen=True)
+class Ban:
+    """A ban to install: ``network`` is a /32 or /128 for one address, shorter for a prefix."""
+
+    network: Network
+    rule: str  # the rule name or the operator's --reason
+    since: float  # unix time the ban started
+    expires: float  # unix time the ban ends
+
+
+@dataclass(frozen=True)
+class InstalledBan:
+    """A ban as read back from the kernel, with its counters."""
+
+    network: Network
+    rule: str
+    since: float
+    expires: float
+    packets: int
+    bytes: int
+
+    def as_json(self) -> dict[str, Any]:
+        """The ban as JSON: what ``floodd bans --json`` prints and the control socket sends."""
+        return {"source": str(self.network), "rule": self.rule, "since": self.since,
+                "expires": None if math.isinf(self.expires) else self.expires,
+                "packets": self.packets, "bytes": self.bytes}
+
+
+class Buffered:
+    """``ban`` and ``unban`` only buffer; a backend's ``commit`` applies ``_pending``.
+
+    ``_pending`` maps a network to its new ban, or to None for a removal; the
+    last change of a network wins.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Network, Ban | None] = {}
+
+    def ban(self, bans: Sequence[Ban]) -> None:
+        for ban in bans:
+            self._pending[ban.network] = ban
+
+    def unban(self, networks: Sequence[Network]) -> None:
+        for network in networks:
+            self._pending[network] = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def setup(self) -> None:
+        """Create floodd's own table/chain if missing (idempotent); never touches others."""
+
+    def ban(self, bans: Sequence[Ban]) -> None:
+        """Buffer bans (an existing ban of the same network is replaced)."""
+
+    def unban(self, networks: Sequence[Network]) -> None:
+        """Buffer removals; removing a network that is not banned is not an error."""
+
+    def commit(self) -> None:
+        """Apply everything buffered in one batch."""
+
+    def list(self) -> list[InstalledBan]:
+        """Every ban floodd has in the kernel, with counters, in one call."""
+
+    def present(self) -> bool:
+        """Whether floodd's table/chain (and its drop rules) are in place."""
+
+    def teardown(self) -> None:
+        """Remove floodd's table/chain and every ban in it."""

@@ -1,0 +1,51 @@
+"""A backend that changes nothing: it logs what it would do and remembers it in memory,
+so :meth:`DryRunBackend.list` shows the bans a real backend would hold (counters stay 0)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+from floodd.enforce.firewall.base import Ban, Buffered, InstalledBan, Network
+
+class DryRunBackend(Buffered):
+    name = "dry-run"
+
+    def __init__(self, ports: Sequence[int] = (53,), protocols: Sequence[str] = ("udp", "tcp"),
+                 scope: str = "dns", log: Callable[[str], None] | None = None) -> None:
+        self.log = log or logging.getLogger("floodd.enforce.firewall").info
+        self.what = ("all traffic" if scope == "all" else
+                     f"{'/'.join(protocols)} to port {', '.join(map(str, ports))}")
+        self._bans: dict[Network, Ban] = {}
+        super().__init__()
+        self._set_up = False
+
+    def setup(self) -> None:
+        if not self._set_up:
+            self.log(f"dry run: would set up the firewall to drop {self.what} "
+                     "from banned sources")
+        self._set_up = True
+
+
+    def commit(self) -> None:
+        for net, ban in self._pending.items():
+            if ban is not None:
+                self.log(f"dry run: would ban {net} for {ban.expires - ban.since:g} s "
+                         f"({ban.rule})")
+                self._bans[net] = ban
+            elif self._bans.pop(net, None) is not None:
+                self.log(f"dry run: would unban {net}")
+        self._pending.clear()
+
+    def list(self) -> list[InstalledBan]:
+        return [InstalledBan(b.network, b.rule, b.since, b.expires, 0, 0)
+                for b in self._bans.values()]
+
+    def present(self) -> bool:
+        return self._set_up
+
+    def teardown(self) -> None:
+        if self._set_up:
+            self.log(f"dry run: would remove the firewall table and its {len(self._bans)} bans")
+        self._bans.clear()
+        self._set_up = False

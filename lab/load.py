@@ -1,0 +1,606 @@
+"""Load for the lab (floods and legitimate clients) and the meters that read what it did.
+
+Generators, each bounded in packets and in time:
+
+* :class:`Dnsperf`: the real ``dnsperf`` from one source address of the client
+  namespace, at a fixed rate or as fast as it goes, for ``duration`` seconds.  Used
+  for flooders (IPv4 or IPv6) and for legitimate clients, whose answer rate it reports.
+* :class:`Replay`: ``tcpreplay`` of a generated capture on the client end of the veth,
+  at a fixed packet rate or top speed.  The frames (:func:`rotating_any_frames`,
+  :func:`spoofed_frames`, :func:`malformed_frames`, :func:`query_frames`) carry the
+  server veth's MAC address, so the server's kernel takes them as its own traffic;
+  replies to spoofed sources are routed into the client namespace and die there.
+  A source outside 198.18.0.0/15 must be an address of the client namespace
+  (:func:`add_address`): the server resolves it on the link, and BIND's replies to
+  an address no one answers for pile up until BIND stops answering anyone.
+
+Meters: :func:`kernel_bans` (what the kernel firewall holds, read with ``nft``),
+:class:`BanWatcher` (when each ban first appeared there), :class:`ReplyCounter` (the
+replies a spoofed flood got out of the server), :func:`cpu_seconds` and :func:`rss_kib`
+(from ``/proc``); and :class:`FlooddProcess`, ``floodd run`` in the server namespace with
+its control socket, configured by :func:`lab_config`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable, Sequence
+
+import yaml
+
+from lab import synth
+from floodd.config import load_config
+from floodd.service.control import request
+from floodd.errors import FlooddError
+from lab.netns import Lab
+
+# What a legitimate client asks: names of the lab zone, the everyday query types.
+LEGIT_QUERIES = ("www.lab.example A", "www.lab.example AAAA", "lab.example TXT",
+                 "ns.lab.example A", "lab.example SOA")
+SPOOF_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")
+# dnsperf: many queries outstanding and a short timeout keep a banned flooder sending
+# instead of stalling on its unanswered queries.
+OUTSTANDING = 10_000
+QUERY_TIMEOUT = 1
+FLOODD_TABLE = "floodd"  # floodd's nftables table (inet family)
+
+# dnsperf's closing statistics.
+_DNSPERF_FIELDS = {
+    "sent": re.compile(r"Queries sent:\s+(\d+)"),
+    "completed": re.compile(r"Queries completed:\s+(\d+)"),
+    "lost": re.compile(r"Queries lost:\s+(\d+)"),
+    "runtime": re.compile(r"Run time \(s\):\s+([\d.]+)"),
+    "qps": re.compile(r"Queries per second:\s+([\d.]+)"),
+}
+# dnsperf -S N: "<unix time>: <responses per second over the interval>"
+_DNSPERF_INTERVAL = re.compile(r"^(\d+\.\d+): ([\d.]+)$", re.MULTILINE)
+# tcpreplay: "Actual: 1000 packets (75000 bytes) sent in 0.20 seconds"
+_TCPREPLAY_ACTUAL = re.compile(r"Actual: (\d+) packets \((\d+) bytes\) sent in ([\d.]+) seconds")
+
+
+# --- dnsperf ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DnsperfReport:
+    sent: int
+    completed: int  # answered within the timeout
+    lost: int
+    runtime: float
+    qps: float  # answered queries per second
+    intervals: tuple[tuple[float, float], ...] = ()  # (unix time, answers/s) with -S
+
+    @property
+    def answered(self) -> float:
+        """Fraction of the queries sent that were answered (1.0 when none was sent)."""
+        return self.completed / self.sent if self.sent else 1.0
+
+
+def parse_intervals(text: str) -> tuple[tuple[float, float], ...]:
+    """The per-interval lines that ``dnsperf -S`` printed so far."""
+    return tuple((float(t), float(q)) for t, q in _DNSPERF_INTERVAL.findall(text))
+
+
+def parse_dnsperf(text: str) -> DnsperfReport:
+    """dnsperf's output -> its final statistics; ValueError when they are missing."""
+    found: dict[str, str] = {}
+    for key, pattern in _DNSPERF_FIELDS.items():
+        m = pattern.search(text)
+        if m is None:
+            raise ValueError(f"dnsperf printed no {key!r} figure")
+        found[key] = m.group(1)
+    return DnsperfReport(int(found["sent"]), int(found["completed"]), int(found["lost"]),
+                         float(found["runtime"]), float(found["qps"]), parse_intervals(text))
+
+
+def write_queries(path: Path, queries: Iterable[str] = LEGIT_QUERIES) -> Path:
+    """A dnsperf data file: one ``name TYPE`` a line (replaced whole: a dnsperf already
+    reading the old file keeps reading it)."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    part.write_text("".join(f"{q}\n" for q in queries))
+    os.replace(part, path)
+    return path
+
+
+def _legit_queries(workdir: Path) -> Path:
+    path = workdir / "legit-queries.txt"
+    return path if path.exists() else write_queries(path)
+
+
+class Dnsperf:
+    """dnsperf from ``source`` (an address it adds to the client namespace) asking
+    :data:`LEGIT_QUERIES` in turn, with ``clients`` sockets; ``rate`` None sends as fast
+    as :data:`OUTSTANDING` lets it; ``interval`` prints answers/s every so many seconds
+    (:meth:`intervals`)."""
+
+    def __init__(self, lab: Lab, source: str, workdir: Path, *, duration: float,
+                 rate: float | None = None, clients: int = 1,
+                 interval: int | None = None) -> None:
+        if duration <= 0:
+            raise ValueError("dnsperf needs a positive duration")
+        self.lab = lab
+        self.source = source
+        self.duration = duration
+        server = lab.server_v6 if ":" in source else lab.server_v4
+        tag = source.replace(":", "_")
+        self.output = workdir / f"dnsperf-{tag}-{time.monotonic_ns()}.out"
+        argv = ["dnsperf", "-s", server, "-a", source, "-d", str(_legit_queries(workdir)),
+                "-l", f"{duration:g}", "-q", str(OUTSTANDING), "-t", str(QUERY_TIMEOUT),
+                "-c", str(clients)]
+        if rate is not None:
+            argv += ["-Q", str(max(1, round(rate)))]
+        if interval is not None:
+            # stdbuf: the per-interval lines reach the file as they are printed.
+            argv = ["stdbuf", "-oL", *argv, "-S", str(interval)]
+        self.argv = argv
+        self.started = 0.0  # unix time dnsperf was started (just before its first query)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+
+    def start(self) -> Dnsperf:
+        add_address(self.lab, self.source)
+        self._out = open(self.output, "wb")
+        self.started = time.time()
+        self._proc = self.lab.popen(self.lab.client_ns, self.argv, stdout=self._out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def intervals(self) -> tuple[tuple[float, float], ...]:
+        """The ``-S`` lines so far: (unix time, answers per second)."""
+        try:
+            return parse_intervals(self.output.read_text(errors="replace"))
+        except FileNotFoundError:
+            return ()
+
+    def wait(self) -> DnsperfReport:
+        """Wait for the end (at most the duration plus the timeout and a margin)."""
+        assert self._proc is not None, "start() first"
+        try:
+            self._proc.wait(timeout=self.duration + 15)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError(f"dnsperf from {self.source} did not stop in time") from None
+        finally:
+            self._close()
+        text = self.output.read_text(errors="replace")
+        try:
+            return parse_dnsperf(text)
+        except ValueError as exc:
+            raise RuntimeError(f"dnsperf from {self.source} failed "
+                               f"(status {self._proc.returncode}): {exc}: {text[-500:]}") from None
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGINT)
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(timeout=5)
+        self._close()
+
+    def _close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def add_address(lab: Lab, address: str) -> None:
+    """Give the client namespace ``address`` unless it already has it."""
+    ns, ifname = lab.client_ns, lab.client_if
+    shown = lab.run(ns, ["ip", "-j", "addr", "show", "dev", ifname], text=True).stdout
+    have = {a.get("local") for iface in json.loads(shown) for a in iface.get("addr_info", ())}
+    if str(ipaddress.ip_address(address)) not in have:
+        lab.add_client_address(address)
+
+
+# --- frames ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Wire:
+    """The two ends of the lab's veth: frames go from ``client_mac`` to ``server_mac``."""
+
+    server_mac: bytes
+    client_mac: bytes
+
+
+def link_address(lab: Lab, ns: str, ifname: str) -> bytes:
+    """An interface's MAC address, from ``ip -j link show``."""
+    shown = json.loads(lab.run(ns, ["ip", "-j", "link", "show", "dev", ifname], text=True).stdout)
+    return bytes.fromhex(shown[0]["address"].replace(":", ""))
+
+
+def lab_wire(lab: Lab) -> Wire:
+    return Wire(link_address(lab, lab.server_ns, lab.server_if),
+                link_address(lab, lab.client_ns, lab.client_if))
+
+
+def ethernet(wire: Wire, packet: bytes) -> bytes:
+    """An IP packet in an Ethernet frame from the client veth to the server veth."""
+    return wire.server_mac + wire.client_mac + synth.link_frame(packet)[12:]
+
+
+def query_frames(wire: Wire, source: str, count: int, *, qname: str = "www.lab.example",
+                 qtype: str = "A") -> list[bytes]:
+    """``count`` queries from one source to the lab's server (source port and query id
+    vary)."""
+    server = Lab.server_v6 if ":" in source else Lab.server_v4
+    return [ethernet(wire, synth.udp_datagram(source, server,
+                                              synth.dns_query(qname, qtype, i & 0xFFFF),
+                                              1024 + i % 64000))
+            for i in range(count)]
+
+
+def spoofed_sources(count: int, *, seed: int = 0) -> list[str]:
+    """``count`` distinct addresses of 198.18.0.0/15 in random order."""
+    size = SPOOF_NETWORK.num_addresses
+    if not 0 < count <= size:
+        raise ValueError(f"{SPOOF_NETWORK} has {size} addresses, not {count}")
+    base = int(SPOOF_NETWORK.network_address)
+    picked = random.Random(seed).sample(range(size), count)
+    return [str(ipaddress.IPv4Address(base + i)) for i in picked]
+
+
+def spoofed_frames(wire: Wire, count: int, *, seed: int = 0) -> list[bytes]:
+    """One A query from each of ``count`` distinct spoofed sources of 198.18.0.0/15."""
+    payload = synth.dns_query("www.lab.example", "A", 0)
+    return [ethernet(wire, synth.udp_datagram(src, Lab.server_v4, payload, 1024 + i % 64000))
+            for i, src in enumerate(spoofed_sources(count, seed=seed))]
+
+
+def rotating_any_frames(wire: Wire, sources: int, per_source: int, *,
+                        seed: int = 1) -> list[bytes]:
+    """ANY queries from ``sources`` spoofed addresses, ``per_source`` each, in rounds:
+    every source sends one before any sends its next, so each source's queries are
+    spread over the whole replay."""
+    addresses = spoofed_sources(sources, seed=seed)
+    payloads = [synth.dns_query("lab.example", "ANY", r) for r in range(per_source)]
+    return [ethernet(wire, synth.udp_datagram(src, Lab.server_v4, payloads[r],
+                                              2000 + r * 7 + i % 50000))
+            for r in range(per_source) for i, src in enumerate(addresses)]
+
+
+def _header(qid: int, flags: int, qd: int) -> bytes:
+    return qid.to_bytes(2, "big") + flags.to_bytes(2, "big") + qd.to_bytes(2, "big") + bytes(6)
+
+
+# Payloads to port 53 that are not well-formed queries: each a way a DNS parser can
+# loop, read past the end or be fooled.
+MALFORMED_PAYLOADS: tuple[tuple[str, bytes], ...] = (
+    ("empty", b""),
+    ("short header", b"\x12\x34\x01"),
+    ("no question", _header(1, 0x0100, 0)),
+    ("pointer to itself", _header(2, 0x0100, 1) + b"\xc0\x0c\x00\x01\x00\x01"),
+    ("pointer loop", _header(3, 0x0100, 1) + b"\x01a\xc0\x0c\x00\x01\x00\x01"),
+    ("forward pointer", _header(4, 0x0100, 1) + b"\xc0\x20\x00\x01\x00\x01" + bytes(40)),
+    ("label past the end", _header(5, 0x0100, 1) + b"\x3fabc"),
+    ("reserved label type", _header(6, 0x0100, 1) + b"\x41abc\x00\x00\x01\x00\x01"),
+    ("name over 255 bytes", _header(7, 0x0100, 1) + b"\x3f" + b"a" * 63
+     + (b"\x3f" + b"b" * 63) * 4 + b"\x00\x00\x01\x00\x01"),
+    ("no type and class", _header(8, 0x0100, 1) + b"\x03www\x00"),
+    ("response", _header(9, 0x8180, 1) + synth.encode_name("lab.example") + b"\x00\x01\x00\x01"),
+    ("cut pointer", _header(10, 0x0100, 1) + b"\xc0"),
+)
+
+
+def malformed_frames(wire: Wire, source: str, count: int) -> list[bytes]:
+    """``count`` malformed packets to port 53 from one source, cycling through
+    :data:`MALFORMED_PAYLOADS`."""
+    server = Lab.server_v6 if ":" in source else Lab.server_v4
+    kinds = [p for _, p in MALFORMED_PAYLOADS]
+    return [ethernet(wire, synth.udp_datagram(source, server, kinds[i % len(kinds)],
+                                              3000 + i % 60000))
+            for i in range(count)]
+
+
+def interleave(*streams: Sequence[bytes]) -> list[bytes]:
+    """The frames of all streams, each stream spread evenly over the result."""
+    keyed = [((i + 0.5) / len(s), n, i) for n, s in enumerate(streams) for i in range(len(s))]
+    keyed.sort()
+    return [streams[n][i] for _, n, i in keyed]
+
+
+def write_frames(path: Path, frames: Sequence[bytes]) -> Path:
+    """A pcap of the frames, 10 µs apart (tcpreplay --pps or --topspeed paces them)."""
+    synth.write_pcap(str(path), ((i / 100_000, f) for i, f in enumerate(frames)))
+    return path
+
+
+# --- tcpreplay -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplayReport:
+    packets: int
+    seconds: float
+
+    @property
+    def pps(self) -> float:
+        return self.packets / self.seconds if self.seconds else 0.0
+
+
+class Replay:
+    """tcpreplay of a capture on the client veth: at ``pps``, or top speed when None;
+    ``loops`` times; stopped after ``duration`` seconds when given."""
+
+    def __init__(self, lab: Lab, capture: Path, *, pps: float | None = None, loops: int = 1,
+                 duration: float | None = None) -> None:
+        argv = ["tcpreplay", "-i", lab.client_if, "--preload-pcap"]
+        argv += ["--topspeed"] if pps is None else [f"--pps={pps:g}"]
+        if loops > 1:
+            argv.append(f"--loop={loops}")
+        if duration is not None:
+            argv.append(f"--duration={max(1, round(duration))}")
+        self.argv = [*argv, str(capture)]
+        self.lab = lab
+        self.limit = duration if duration is not None else 600.0
+        self.started = 0.0
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> Replay:
+        self.started = time.time()
+        self._proc = self.lab.popen(self.lab.client_ns, self.argv, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+        return self
+
+    def wait(self) -> ReplayReport:
+        assert self._proc is not None, "start() first"
+        try:
+            out, _ = self._proc.communicate(timeout=self.limit + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.communicate(timeout=5)
+            raise RuntimeError("tcpreplay did not stop in time") from None
+        m = _TCPREPLAY_ACTUAL.search(out)
+        if self._proc.returncode != 0 or m is None:
+            raise RuntimeError(f"tcpreplay failed (status {self._proc.returncode}): {out[-500:]}")
+        return ReplayReport(int(m.group(1)), float(m.group(3)))
+
+
+# --- the kernel firewall ---------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelBan:
+    source: str  # an address, or a prefix such as 198.51.100.0/24
+    packets: int  # dropped so far
+    rule: str  # from the element's comment ("" when it has none)
+
+
+_RULE_IN_COMMENT = re.compile(r"\brule=(.*)$")
+
+
+def parse_nft_bans(data: Any) -> dict[str, KernelBan]:
+    """Every set element of an ``nft -j list table`` listing (libnftables-json(5)): a
+    plain value, or ``{"elem": {"val": ADDR | {"prefix": {"addr", "len"}}, "counter":
+    {"packets", "bytes"}, "comment": ...}}``."""
+    bans: dict[str, KernelBan] = {}
+    for obj in data.get("nftables", ()):
+        for item in obj.get("set", {}).get("elem", ()):
+            elem = item["elem"] if isinstance(item, dict) and "elem" in item else {"val": item}
+            val = elem["val"]
+            if isinstance(val, dict) and "prefix" in val:
+                source = f"{val['prefix']['addr']}/{val['prefix']['len']}"
+            else:
+                source = str(val)
+            m = _RULE_IN_COMMENT.search(elem.get("comment", ""))
+            bans[source] = KernelBan(source, int(elem.get("counter", {}).get("packets", 0)),
+                                     m.group(1) if m else "")
+    return bans
+
+
+def kernel_bans(lab: Lab) -> dict[str, KernelBan]:
+    """The bans in the server namespace's ``inet floodd`` table, read from the kernel with
+    nft; empty when the table does not exist."""
+    proc = lab.run(lab.server_ns, ["nft", "-j", "list", "table", "inet", FLOODD_TABLE],
+                   check=False, text=True)
+    if proc.returncode != 0:
+        if "No such file" in proc.stderr:
+            return {}
+        raise RuntimeError(f"nft list table inet {FLOODD_TABLE}: {proc.stderr.strip()}")
+    return parse_nft_bans(json.loads(proc.stdout))
+
+
+def delete_table(lab: Lab) -> None:
+    """Remove floodd's table from the server namespace (a clean ruleset)."""
+    lab.run(lab.server_ns, ["nft", "delete", "table", "inet", FLOODD_TABLE], check=False)
+
+
+class BanWatcher:
+    """Polls :func:`kernel_bans` in a thread: when each ban first appeared, how it last
+    looked (``seen``: rule, dropped packets) and the most bans at once.  Stops by itself
+    after ``limit`` seconds."""
+
+    def __init__(self, lab: Lab, interval: float = 0.1, limit: float = 300.0) -> None:
+        self.lab = lab
+        self.interval = interval
+        self.limit = limit
+        self.first_seen: dict[str, float] = {}
+        self.seen: dict[str, KernelBan] = {}
+        self.most = 0
+        self.error: str | None = None  # the last failed listing, if any
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ban-watcher", daemon=True)
+
+    def start(self) -> BanWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                bans = kernel_bans(self.lab)
+            except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+                self.error = str(exc)
+                bans = {}
+            seen = time.time()
+            for source, ban in bans.items():
+                self.first_seen.setdefault(source, seen)
+                self.seen[source] = ban
+            self.most = max(self.most, len(bans))
+            self._stop.wait(self.interval)
+
+    def wait_for(self, sources: Iterable[str], timeout: float) -> bool:
+        """Whether all ``sources`` were seen banned within ``timeout`` seconds."""
+        wanted = set(sources)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if wanted <= self.first_seen.keys():
+                return True
+            time.sleep(0.05)
+        return wanted <= self.first_seen.keys()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
+class ReplyCounter:
+    """Counts the DNS replies the server sends to ``network`` (spoofed sources): an
+    nftables counter in the client namespace, where those replies are routed and die.
+    What a flood got out of the server, whatever floodd thinks."""
+
+    table = "floodd_lab"
+
+    def __init__(self, lab: Lab, network: str = str(SPOOF_NETWORK)) -> None:
+        self.lab = lab
+        family = "ip6" if ":" in network else "ip"
+        self.script = (f"table inet {self.table} {{\n chain replies {{\n"
+                       f"  type filter hook prerouting priority raw; policy accept;\n"
+                       f"  {family} daddr {network} udp sport 53 counter\n }}\n}}\n")
+
+    def __enter__(self) -> ReplyCounter:
+        self.lab.run(self.lab.client_ns, ["nft", "-f", "-"], input=self.script.encode())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lab.run(self.lab.client_ns, ["nft", "delete", "table", "inet", self.table],
+                     check=False)
+
+    def packets(self) -> int:
+        shown = self.lab.run(self.lab.client_ns,
+                             ["nft", "-j", "list", "table", "inet", self.table], text=True)
+        for obj in json.loads(shown.stdout)["nftables"]:
+            for expr in obj.get("rule", {}).get("expr", ()):
+                if "counter" in expr:
+                    return int(expr["counter"]["packets"])
+        raise RuntimeError(f"no counter in table inet {self.table}")
+
+
+# --- processes -------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory (VmRSS) of a process in KiB, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+# --- floodd ----------------------------------------------------------------------------
+def lab_config(workdir: Path, rules: Sequence[dict[str, Any]], *,
+               whitelist: Sequence[str] = ("127.0.0.0/8", "::1/128"),
+               rate_table: dict[str, Any] | None = None,
+               firewall: dict[str, Any] | None = None,
+               daemon: dict[str, Any] | None = None,
+               capture: dict[str, Any] | None = None) -> Path:
+    """Write a floodd configuration for the lab: control socket and state in ``workdir``,
+    the nftables backend, the given rules and sections (merged over those defaults)."""
+    config: dict[str, Any] = {
+        "capture": {**(capture or {})},
+        "rate_table": {"window": 10, "bucket": 1, **(rate_table or {})},
+        "whitelist": list(whitelist),
+        "rules": list(rules),
+        "firewall": {"backend": "nftables", **(firewall or {})},
+        "daemon": {"control_socket": str(workdir / "control.sock"),
+                   "state_dir": str(workdir / "state"), **(daemon or {})},
+    }
+    path = workdir / "floodd.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class FlooddProcess:
+    """``floodd run -c CONFIG -i <server veth>`` in the lab's server namespace."""
+
+    def __init__(self, lab: Lab, config: Path, log: Path) -> None:
+        self.lab = lab
+        self.config = config
+        self.log = log
+        self.socket = load_config(str(config)).daemon.control_socket
+        self.argv = [sys.executable, "-m", "floodd", "run", "-c", str(config),
+                     "-i", lab.server_if]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "start() first"
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 20.0) -> FlooddProcess:
+        """Start floodd and wait until its control socket answers."""
+        self._log = open(self.log, "ab")
+        self._proc = self.lab.popen(self.lab.server_ns, self.argv, stdout=self._log,
+                                    stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"floodd exited with status {self._proc.returncode}: "
+                                   f"{self.log_text()[-1000:]}")
+            try:
+                self.request("status", timeout=2.0)
+                return self
+            except FlooddError:
+                time.sleep(0.1)
+        raise RuntimeError(f"floodd did not answer on {self.socket} in {timeout:g} s")
+
+    def request(self, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+        """One control-socket request (``status``, ``top``, ``bans``...)."""
+        return request(self.socket, cmd, timeout=timeout, **args)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, then the exit status (None if it had to be killed)."""
+        status: int | None = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGTERM)
+            try:
+                status = self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return status
