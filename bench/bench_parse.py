@@ -5,7 +5,8 @@ directory, then times in this process
 
   (a) floodd: OfflineCapture -> Parser.parse_batch -> per-source Counter update;
   (b) floodd's daemon path: the same, counted into the rate tables of the default
-      rules (floodd.detect.traffic.Traffic: per source, per /24, per source+ANY, per qtype);
+      rules (floodd.detect.traffic.Traffic: per source, per /24, per source+ANY over
+      60 s and over 10 s, per qtype), each batch at its last packet's time;
   (c) dpkt: pcap reader -> Ethernet -> IP -> UDP -> dpkt.dns.DNS, per-source Counter;
 
 and checks (a) and (c) agree on the per-source counts.  Targets: parse-and-count (a)
@@ -57,7 +58,8 @@ def run_floodd_tables(path: str) -> Counts:
     traffic = Traffic(default_config())
     capture = OfflineCapture(path, batch_size=1024)
     while (batch := capture.read(0.0)) is not None:
-        traffic.add_batch(batch)
+        if batch.records:
+            traffic.add_batch(batch.records[-1][0], batch.records)
     capture.close()
     return collections.Counter({b"packets": traffic.packets})
 

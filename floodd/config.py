@@ -28,29 +28,65 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MATCH_ALL = "all"
 MATCH_MALFORMED = "malformed"
 
-_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*([smhd]?)\s*)+$")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Units of a duration, largest first: in "1h30m" each unit follows every larger one.
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_UNIT_RANK = {unit: rank for rank, unit in enumerate(_UNITS)}
+_MAX_DURATION_TEXT = 64  # characters; nothing sensible is longer
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``30``, ``2.5``, ``"90s"``, ``"10m"``, ``"1h30m"`` or ``"2d"``.
+    """Seconds from a number (``30``, ``2.5``) or a text duration, > 0 and finite.
 
-    Raises ValueError for anything else, zero and negative values included.
+    Text: a bare number of seconds (``"30"``, ``"2.5"``), or numbers each followed
+    by a unit, largest unit first, each unit at most once, nothing between them:
+    ``"90s"``, ``"10m"``, ``"1h30m"``, ``"2d"``, ``"1d12h"``, ``"1.5h"``.  Spaces
+    around the whole are ignored, spaces inside are not allowed.  One pass over
+    the characters (linear time).  Raises ValueError for anything else.
     """
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, (int, float)):
         seconds = float(value)
-    elif isinstance(value, str) and _DURATION_RE.match(value):
-        seconds = sum(
-            float(num) * _UNIT_SECONDS[unit] for num, unit in _DURATION_PART_RE.findall(value)
-        )
+    elif isinstance(value, str) and len(value) <= _MAX_DURATION_TEXT:
+        seconds = _duration_text(value.strip())
     else:
         raise ValueError(value)
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(value)
     return seconds
+
+
+def _duration_text(text: str) -> float:
+    total = 0.0
+    rank = -1  # the rank of the last unit read; units must come in rising rank
+    i, n = 0, len(text)
+    if n == 0:
+        raise ValueError(text)
+    while i < n:
+        start = i
+        while i < n and text[i].isascii() and text[i].isdigit():
+            i += 1
+        if i < n and text[i] == "." and i > start:
+            i += 1
+            fraction = i
+            while i < n and text[i].isascii() and text[i].isdigit():
+                i += 1
+            if i == fraction:
+                raise ValueError(text)
+        if i == start:
+            raise ValueError(text)
+        number = float(text[start:i])
+        if i == n:
+            if rank >= 0:  # "1h30": a bare number only on its own
+                raise ValueError(text)
+            return number
+        unit = text[i]
+        if _UNIT_RANK.get(unit, -1) <= rank:
+            raise ValueError(text)
+        rank = _UNIT_RANK[unit]
+        total += number * _UNITS[unit]
+        i += 1
+    return total
 
 
 def parse_network(value: str) -> Network:

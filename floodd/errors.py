@@ -1,10 +1,23 @@
-"""Errors that reach the operator as one line and exit status 2, never a traceback."""
+"""Errors that reach the operator as one line, never a traceback.
+
+Exit status, for every command: 0 done; 1 floodd could not do it (a failure at run
+time: the daemon cannot start, a firewall command failed or hung, the daemon is not
+running or did not answer, the source to unban is not banned); 2 bad input (a usage
+error, a bad argument, a configuration that does not validate, a file that is not a
+capture, a request refused as unsafe).
+"""
 
 
 class FlooddError(Exception):
-    """A problem the operator can fix: bad input, missing file, refused action."""
+    """A problem the operator can fix in what they asked: bad input or a refused action."""
 
     exit_status = 2
+
+
+class Failure(FlooddError):
+    """What was asked is fine but could not be done right now (exit status 1)."""
+
+    exit_status = 1
 
 
 class ConfigError(FlooddError):

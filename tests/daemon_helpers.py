@@ -148,14 +148,15 @@ class Floodd:
     notify a :class:`NotifySocket` of its own (``NAME.notify`` beside the config).
 
     ``ip netns exec`` execs the command, so the process's pid is the daemon's, unless a
-    ``wrapper`` command (e.g. strace) runs it as a child.  Its stderr goes to ``NAME.log``;
-    :meth:`log` also reads the journal when the daemon wrote there.
+    ``wrapper`` command (e.g. strace) runs it as a child.  ``env`` adds to (or replaces) its
+    environment, e.g. a ``PATH`` with a faulty ``nft`` first.  Its stderr goes to
+    ``NAME.log``; :meth:`log` also reads the journal when the daemon wrote there.
     """
 
     def __init__(self, lab: Any, config: Path, name: str = "floodd", args: tuple[str, ...] = (),
                  watchdog_usec: int | None = None,
                  on_ready: Callable[[dict[str, str]], None] | None = None,
-                 wrapper: tuple[str, ...] = ()) -> None:
+                 wrapper: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.lab = lab
         self.config = config
         self.args = args
@@ -167,6 +168,7 @@ class Floodd:
         self.env["NOTIFY_SOCKET"] = self.notify.path
         if watchdog_usec is not None:
             self.env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.journal = False

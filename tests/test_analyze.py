@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from floodd.config import build_config
-from floodd.cli.analyze import analyze_file, format_report
+from floodd.cli.analyze import analyze_file, by_bucket, format_report
 from lab.synth import generate_flood_capture
 from test_parse import PCAPS, reference_count
 
@@ -43,6 +43,15 @@ def test_shared_captures_agree_with_dpkt(path: Path) -> None:
     assert got == want
     counts = [s["packets"] for s in report["sources"]]
     assert counts == sorted(counts, reverse=True)
+
+
+def test_batches_are_cut_on_the_captures_bucket_edges() -> None:
+    src = bytes([198, 51, 100, 7])
+    records = [(ts, src, 17, 1, 0) for ts in (10.0, 10.5, 12.2, 15.9, 15.95)]
+    assert [[r[0] for r in part] for part in by_bucket(records, 1.0)] == [
+        [10.0, 10.5], [12.2], [15.9, 15.95]]
+    assert by_bucket(records[:2], 1.0) == [records[:2]]
+    assert [len(part) for part in by_bucket(records, 5.0)] == [3, 2]
 
 
 def test_text_report_of_a_flood(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def test_offline_pcapng_matches_pcap(tmp_path: Path) -> None:
     write_pcapng(path, frames, linktype)
     from_pcapng = read_all(OfflineCapture(str(path)))
     from_pcap = read_all(OfflineCapture(str(PCAPS / "dnscap-frags.pcap")))
-    assert len(from_pcapng) == 41 and all(r[5] == F_FRAGMENT for r in from_pcapng)
+    assert len(from_pcapng) == 41 and all(r[4] == F_FRAGMENT for r in from_pcapng)
     assert from_pcapng == from_pcap
 
 
@@ -226,8 +226,10 @@ while len(records) < want and time.monotonic() < deadline:
     records += cap.read(0.2).records
 stats = cap.stats()
 family = {4: socket.AF_INET, 16: socket.AF_INET6}
+read_until = time.monotonic()
 print(json.dumps({
-    "records": [[socket.inet_ntop(family[len(r[1])], r[1]), r[2], r[3], r[5]]
+    "monotonic": all(started <= r[0] <= read_until for r in records),
+    "records": [[socket.inet_ntop(family[len(r[1])], r[1]), r[2], r[3], r[4]]
                 for r in records],
     "received": stats.received, "dropped": stats.dropped}), flush=True)
 cap.close()
@@ -306,4 +308,5 @@ def test_live_capture_in_namespaces(lab: tuple[str, str, str]) -> None:
     if shutil.which("dig"):
         assert (CLIENT, 6, -1, 0) in got  # the TCP SYN of dig +tcp, refused
     assert result["received"] >= len(got) and result["dropped"] == 0
+    assert result["monotonic"]  # stamped with the monotonic clock at the read, not the wall
 

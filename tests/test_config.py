@@ -3,6 +3,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,33 @@ def test_default_rules_are_the_documented_ones() -> None:
     assert names == [r["name"] for r in DEFAULT_RULES]
 
 
-@pytest.mark.parametrize("text,seconds", [(30, 30.0), (2.5, 2.5), ("90s", 90.0), ("10m", 600.0),
-                                          ("1h30m", 5400.0), ("2d", 172800.0)])
+@pytest.mark.parametrize("text,seconds", [(30, 30.0), (2.5, 2.5), ("30", 30.0), ("2.5", 2.5),
+                                          ("90s", 90.0), ("10m", 600.0), ("1h30m", 5400.0),
+                                          ("2d", 172800.0), ("1d12h", 129600.0),
+                                          ("1.5h", 5400.0), (" 1h30m\n", 5400.0),
+                                          ("1d2h3m4s", 93784.0)])
 def test_parse_duration(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-1", 0, "1x", True, None, "1h-"])
+@pytest.mark.parametrize("text", ["", " ", "abc", "-1", 0, "0s", "1x", True, None, "1h-",
+                                  "1 2 3", "1h 30m", "1 h", "30m1h", "1h1h", "1h30", "h",
+                                  "1.h", ".5h", "1e3", "inf", "nan", "１h", "1_000",
+                                  float("nan"), float("inf"), "9" * 400 + "s", [1], "1hm"])
 def test_parse_duration_rejects(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["1" * 24 + "x", "1" * 60 + "x", "1" * 10_000 + "x",
+                                  "1." + "1" * 10_000 + "x", "1h" * 5_000])
+def test_parse_duration_is_linear(text: str) -> None:
+    """The old pattern backtracked exponentially: 24 digits then 'x' took 3 s, doubling
+    with each digit; 60 digits would take years.  Refused at once now."""
+    started = time.monotonic()
+    with pytest.raises(ValueError):
+        parse_duration(text)
+    assert time.monotonic() - started < 1.0  # a sanity bound, not a benchmark
 
 
 def test_summary_mentions_every_rule() -> None:

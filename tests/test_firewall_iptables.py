@@ -52,6 +52,10 @@ try:
         elif op == "list":
             result = sorted([str(b.network), b.rule, b.since, b.expires, b.packets, b.bytes]
                             for b in backend.list())
+        elif op == "commit":
+            done = backend.commit()
+            result = {"added": sorted(str(b.network) for b in done.added),
+                      "removed": sorted(str(n) for n in done.removed)}
         else:
             result = getattr(backend, op)()
         results.append(result)
@@ -82,6 +86,11 @@ def run(lab: Lab, *steps: Any, prefix: tuple[str, ...] = (), **options: Any) -> 
                    text=True)
     result: list[Any] = json.loads(proc.stdout)
     return result
+
+
+def committed(added: tuple[str, ...] = (), removed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What the driver shows for a commit."""
+    return {"added": sorted(added), "removed": sorted(removed)}
 
 
 def legacy(lab: Lab, *argv: str) -> str:
@@ -139,7 +148,7 @@ def test_setup_is_idempotent_and_leaves_other_rules_alone(lab: Lab) -> None:
 
     ban = ["198.51.100.7/32", "query-flood", NOW, NOW + 600]
     assert run(lab, "setup", ("ban", [ban]), "commit", "teardown", "present") == [
-        None, None, None, None, False]
+        None, None, committed((ban[0],)), None, False]
     assert filter_table(lab) == before
 
 
@@ -150,7 +159,7 @@ def test_banned_source_gets_no_answer_until_unbanned(dns_lab: Lab, send_queries:
         lab.add_client_address(address)
     ban = ["198.51.100.7/32", "query-flood", NOW, NOW + 600]
     assert run(lab, "setup", ("ban", [ban]), "commit", "list") == [
-        None, None, None, [[*ban, 0, 0]]]
+        None, None, committed((ban[0],)), [[*ban, 0, 0]]]
 
     send_queries("198.51.100.7", 25)
     assert wait_for(lambda: counters(lab, "198.51.100.7/32") == (25, 25 * V4_PACKET))
@@ -161,7 +170,7 @@ def test_banned_source_gets_no_answer_until_unbanned(dns_lab: Lab, send_queries:
 
     # Unbanning a network that is not banned is not an error.
     assert run(lab, ("unban", ["198.51.100.7/32", "203.0.113.0/24"]), "commit", "list") == [
-        None, None, []]
+        None, committed(removed=("198.51.100.7/32",)), []]
     assert lab.dig(NAME, source="198.51.100.7")
     assert tcp_connects(lab, "198.51.100.7")
 
@@ -174,7 +183,8 @@ def test_prefix_and_ipv6_bans(dns_lab: Lab, send_queries: Send, wait_for: WaitFo
     assert lab.dig(NAME, source="2001:db8:1::7", qtype="AAAA")
     bans = [["203.0.113.0/24", "prefix-flood", NOW, NOW + 600],
             ["2001:db8:1::7/128", "query-flood", NOW, NOW + 600]]
-    assert run(lab, "setup", ("ban", bans), "commit") == [None, None, None]
+    assert run(lab, "setup", ("ban", bans), "commit") == [
+        None, None, committed(tuple(b[0] for b in bans))]
 
     send_queries("2001:db8:1::7", 25)
     assert wait_for(lambda: counters(lab, "2001:db8:1::7/128") == (25, 25 * V6_PACKET))
@@ -191,7 +201,8 @@ def test_a_new_process_adopts_the_bans_and_a_re_ban_keeps_counters(
             ["2001:db8:1::/64", "prefix-flood", NOW, NOW + 3600],
             ["203.0.113.0/24", 'manual: "abuse" desk\tticket \u00e9 100%', NOW, NOW + 86400],
             ["203.0.113.99/32", "x" * 300, NOW, NOW + 600]]
-    assert run(lab, "setup", ("ban", bans), "commit") == [None, None, None]
+    assert run(lab, "setup", ("ban", bans), "commit") == [
+        None, None, committed(tuple(b[0] for b in bans))]
 
     # Times are kept in whole seconds (the expiry rounded down); a rule name comes back
     # as given, cut to fit the comment (the same one the nftables backend writes).
@@ -215,20 +226,21 @@ def test_rules_removed_from_outside_are_noticed_and_restored(
         lab: Lab, send_queries: Send, wait_for: WaitFor) -> None:
     lab.add_client_address("198.51.100.7")
     ban = ["198.51.100.7/32", "query-flood", NOW, NOW + 600]
-    assert run(lab, "setup", ("ban", [ban]), "commit") == [None, None, None]
+    assert run(lab, "setup", ("ban", [ban]), "commit") == [None, None, committed((ban[0],))]
 
     legacy(lab, "iptables-legacy", "-F", "FLOODD")
     assert run(lab, "present", "list") == [True, []]
 
     legacy(lab, "iptables-legacy", "-F")
     legacy(lab, "iptables-legacy", "-X")
-    assert run(lab, "present", "list", ("unban", [ban[0]]), "commit") == [False, [], None, None]
+    assert run(lab, "present", "list", ("unban", [ban[0]]), "commit") == [
+        False, [], None, committed()]
     refused = run(lab, ("ban", [ban]), "commit")
     assert refused[0] is None
     assert "chain FLOODD is missing" in refused[1]["error"]
 
     assert run(lab, "setup", ("ban", [ban]), "commit", "present", "list") == [
-        None, None, None, True, [[*ban, 0, 0]]]
+        None, None, committed((ban[0],)), True, [[*ban, 0, 0]]]
     send_queries("198.51.100.7", 5)
     assert wait_for(lambda: counters(lab, "198.51.100.7/32") == (5, 5 * V4_PACKET))
 

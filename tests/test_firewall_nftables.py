@@ -3,17 +3,25 @@ every kernel backend promises (parametrized over the backends this host can run)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import math
+import os
 import shutil
+import socket
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import floodd.command
+import floodd.enforce.firewall.iptables
+from faults import FaultyCommand
 from floodd.config import FirewallConfig
 from floodd.errors import FlooddError
 from floodd.enforce.firewall import BACKENDS, auto_choice, make_backend
@@ -227,6 +235,19 @@ def test_make_backend() -> None:
         assert backend.name in BACKENDS and why.startswith("auto: ")
 
 
+def test_a_hung_iptables_version_is_one_line(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("iptables") is None:
+        pytest.skip("needs iptables")
+    iptables = FaultyCommand(tmp_path / "bin", "iptables")
+    iptables.hang()
+    monkeypatch.setenv("PATH", f"{iptables.dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(floodd.command, "TIMEOUT", 0.5)
+    with pytest.raises(FlooddError, match=r"^iptables --version did not finish within 0\.5 s "
+                                          r"\(killed\)$"):
+        make_backend(FirewallConfig(backend="auto"), [53], ["udp"])
+
+
 def test_missing_nft_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(FlooddError, match="^firewall backend nftables: nft not found"):
@@ -342,6 +363,87 @@ def test_setup_is_idempotent_and_follows_scope(lab: Any, in_server: Any,
     assert in_server(wide.present)
 
 
+def _send_udp(source: str, server: str, port: int, count: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        for _ in range(count):
+            sock.sendto(b"not dns", (server, port))
+
+
+def test_drop_rules_follow_new_ports_and_protocols(lab: Any, in_server: Any, in_client: Any,
+                                                   backend_name: str,
+                                                   wait_for: Callable[..., bool]) -> None:
+    lab.add_client_address("198.51.100.7")
+    backend = in_server(_make, backend_name)  # udp and tcp to port 53
+    now = time.time()
+    in_server(_apply, backend, [Ban(net("198.51.100.7/32"), "query-flood", now, now + 600)])
+    in_client(_send_udp, "198.51.100.7", lab.server_v4, 5353, 2)
+    time.sleep(0.3)
+    assert in_server(backend.list)[0].packets == 0  # port 5353 is not floodd's
+    in_server(backend.configure, [53, 5353], ["udp"])
+    assert in_server(backend.present) == (backend_name == "nftables")  # iptables: jumps
+    in_server(backend.setup)
+    assert in_server(backend.present)
+    in_client(_send_udp, "198.51.100.7", lab.server_v4, 5353, 3)
+    assert wait_for(lambda: in_server(backend.list)[0].packets == 3)
+    [kept] = in_server(backend.list)  # the ban stays, with its rule and times
+    assert (kept.network, kept.rule, kept.since) == (net("198.51.100.7/32"), "query-flood",
+                                                     round(now))
+    if backend_name == "nftables":
+        chain = _nft(lab, "list", "chain", "inet", "floodd", "input")
+        assert chain.count("udp dport { 53, 5353 } ") == 4, chain
+    with pytest.raises(FlooddError):
+        backend.configure([], ["udp"])  # refused, nothing changed
+    assert in_server(backend.present)
+
+
+@contextlib.contextmanager
+def _commit_fails(backend_name: str, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Any]]:
+    """A context giving ``failing()``: within it, a commit of that backend fails (nft
+    refuses the transaction; the xtables lock is held by someone else)."""
+    if backend_name == "nftables":
+        nft = FaultyCommand(tmp_path / "bin", "nft")
+        monkeypatch.setenv("PATH", f"{nft.dir}{os.pathsep}{os.environ['PATH']}")
+
+        @contextlib.contextmanager
+        def failing() -> Iterator[None]:
+            nft.fail("-f")
+            yield
+            nft.heal()
+    else:
+        lock = tmp_path / "xtables.lock"
+        lock.touch()
+        monkeypatch.setenv("XTABLES_LOCKFILE", str(lock))
+        monkeypatch.setattr(floodd.enforce.firewall.iptables, "LOCK_WAIT", 0.3)
+
+        @contextlib.contextmanager
+        def failing() -> Iterator[None]:
+            with open(lock) as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                yield
+    yield failing
+
+
+def test_a_failed_commit_is_never_applied_later(lab: Any, in_server: Any, backend_name: str,
+                                                tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    now = time.time()
+    first, failed, later = (Ban(net(n), "r", now, now + 600)
+                            for n in ("198.51.100.7/32", "198.51.100.8/32", "203.0.113.9/32"))
+    with _commit_fails(backend_name, tmp_path, monkeypatch) as failing:
+        backend = in_server(_make, backend_name)
+        in_server(_apply, backend, [first])
+        backend.ban([failed])
+        with failing():
+            with pytest.raises(FlooddError):
+                in_server(backend.commit)
+        backend.ban([later])
+        done = in_server(backend.commit)
+    assert {b.network for b in in_server(backend.list)} == {first.network, later.network}
+    assert [b.network for b in done.added] == [later.network]
+
+
 def test_nftables_replacing_a_ban_keeps_its_counter(lab: Any, in_server: Any,
                                                     send_queries: Callable[[str, int], None],
                                                     wait_for: Callable[..., bool]) -> None:
@@ -367,9 +469,12 @@ def test_nftables_prefix_overlaps_and_kernel_timeout(lab: Any, in_server: Any) -
     backend = NftablesBackend([53], ["udp", "tcp"])
     in_server(_apply, backend, [Ban(net("203.0.113.0/25"), "a", now, now + 60),
                                 Ban(net("203.0.113.7/32"), "b", now, now + 1.2)])
-    in_server(_apply, backend, [Ban(net("203.0.113.64/26"), "c", now, now + 60)])  # inside
+    backend.ban([Ban(net("203.0.113.64/26"), "c", now, now + 60)])  # inside
+    assert in_server(backend.commit).added == ()  # not taken: the caller is told
     assert {b.rule for b in in_server(backend.list)} == {"a", "b"}
-    in_server(_apply, backend, [Ban(net("203.0.113.0/24"), "d", now, now + 60)])  # replaces
+    backend.ban([Ban(net("203.0.113.0/24"), "d", now, now + 60)])  # replaces
+    done = in_server(backend.commit)
+    assert [b.rule for b in done.added] == ["d"] and done.removed == (net("203.0.113.0/25"),)
     assert {b.network: b.rule for b in in_server(backend.list)} == {
         net("203.0.113.0/24"): "d", net("203.0.113.7/32"): "b"}
     time.sleep(1.5)  # the kernel alone ends the 1.2 s ban

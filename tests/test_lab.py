@@ -132,7 +132,7 @@ def test_query_frames_are_queries_from_the_source_to_the_server_mac() -> None:
     records = _parse(frames)
     assert len(records) == 50
     assert {r[1] for r in records} == {ipaddress.ip_address("203.0.113.9").packed}
-    assert {(r[3], r[5]) for r in records} == {(qtype_code("TXT"), 0)}
+    assert {(r[3], r[4]) for r in records} == {(qtype_code("TXT"), 0)}
     v6 = _parse(load.query_frames(WIRE, "2001:db8:1::9", 3))
     assert [r[1] for r in v6] == [ipaddress.ip_address("2001:db8:1::9").packed] * 3
 
@@ -160,7 +160,7 @@ def test_every_malformed_payload_is_malformed_to_floodd() -> None:
     kinds = len(load.MALFORMED_PAYLOADS)
     records = _parse(load.malformed_frames(WIRE, "203.0.113.41", 3 * kinds))
     assert len(records) == 3 * kinds
-    assert all(r[5] & F_MALFORMED and r[3] == -1 for r in records)
+    assert all(r[4] & F_MALFORMED and r[3] == -1 for r in records)
     assert {r[1] for r in records} == {ipaddress.ip_address("203.0.113.41").packed}
 
 

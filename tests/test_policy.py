@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 
 from floodd.config import build_config
-from floodd.detect.parse import Batch, Record
-from floodd.decide.policy import Offence, Trigger, ban_time, evaluate, plan
+from floodd.detect.parse import Record
+from floodd.decide.policy import Offence, Offences, Trigger, ban_time, evaluate, plan
 from floodd.detect.traffic import Traffic
 
 net = ipaddress.ip_network
@@ -14,9 +15,9 @@ def addr(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
 
 
-def feed(t: Traffic, ts: float, src: str, n: int, qtype: int = 1) -> None:
-    records: list[Record] = [(ts, addr(src), 17, qtype, None, 0)] * n
-    t.add_batch(Batch(records, n, 0))
+def feed(t: Traffic, now: float, src: str, n: int, qtype: int = 1) -> None:
+    records: list[Record] = [(now, addr(src), 17, qtype, 0)] * n
+    t.add_batch(now, records)
 
 
 RULES = {"rules": [
@@ -44,8 +45,8 @@ def test_per_source_qtype_and_prefix_rules() -> None:
         ("net", "198.51.100.0/24", 261),
         ("any", "203.0.113.5/32", 5),
     }
-    # Ten seconds later the 10 s rules have forgotten; the 60 s ANY rule has not.
-    got = {(x.rule, str(x.network)) for x in evaluate(110.5, t, config.rules)}
+    # Eleven seconds later the 10 s rules have forgotten; the 60 s ANY rule has not.
+    got = {(x.rule, str(x.network)) for x in evaluate(111.0, t, config.rules)}
     assert got == {("any", "203.0.113.5/32")}
 
 
@@ -60,6 +61,71 @@ def test_rotating_guard_arms_only_above_the_total() -> None:
     feed(t, 200.0, "198.18.1.1", 1, 255)         # one ANY is not more than 1
     hit = {str(x.network) for x in evaluate(200.0, t, config.rules) if x.rule == "rotating"}
     assert hit == {f"198.18.0.{i}/32" for i in range(30)}
+
+
+def run_daemon_like(config_rules: list[dict[str, object]], sources: dict[str, int],
+                    seconds: float, phase: float, start: float = 5000.0,
+                    wall_step: tuple[float, float] = (0.0, 0.0)) -> dict[str, list[float]]:
+    """Count like the daemon: a batch every 10 ms stamped with the (monotonic) clock,
+    the records carrying wall-clock timestamps that step by ``wall_step`` = (at, by)
+    seconds; evaluate every second at ``phase`` into the tables' buckets.  For each
+    source, the times (since the start) of the ticks its rule triggered at."""
+    config = build_config({"rules": config_rules})
+    t = Traffic(config)
+    sent = dict.fromkeys(sources, 0)
+    fired: dict[str, list[float]] = {src: [] for src in sources}
+    next_tick = math.floor(start) + 1 + phase
+    for i in range(round(seconds / 0.01)):
+        mono = start + (i + 1) * 0.01
+        wall = 1_700_000_000.0 + mono + (wall_step[1] if mono - start >= wall_step[0] else 0)
+        records: list[Record] = []
+        for src, rate in sources.items():
+            due = math.floor((mono - start) * rate)
+            records += [(wall, addr(src), 17, 1, 0)] * (due - sent[src])
+            sent[src] = due
+        t.add_batch(mono, records)
+        if mono >= next_tick:
+            for x in evaluate(next_tick, t, config.rules):
+                fired[str(x.network.network_address)].append(round(next_tick - start, 2))
+            next_tick += 1.0
+    return fired
+
+
+def test_a_3000_per_s_source_trips_1000_in_1_s_read_early_in_a_bucket() -> None:
+    # The issue's figure: read 0.05 s into a bucket the count was 180 and nobody was
+    # banned.  The count is what arrived in the last second, whatever the phase.
+    rules = [{"name": "fast", "threshold": 1000, "window": 1}]
+    for phase in (0.05, 0.5, 0.95):
+        fired = run_daemon_like(rules, {"198.51.100.7": 3000, "198.51.100.8": 900},
+                                seconds=6, phase=phase)
+        assert len(fired["198.51.100.7"]) >= 5, (phase, fired)
+        assert fired["198.51.100.8"] == []
+
+
+def test_a_520_per_s_source_trips_5000_in_10_s() -> None:
+    # The issue's figure: 4,530 shown for a 520/s source against 5,000 in 10 s.
+    rules = [{"name": "query-flood", "threshold": 5000, "window": 10}]
+    for phase in (0.05, 0.5):
+        fired = run_daemon_like(rules, {"198.51.100.7": 520, "198.51.100.8": 480},
+                                seconds=20, phase=phase)
+        # Over 5,000 once 10 s of it (plus a batch) are in the window, at every tick.
+        assert fired["198.51.100.7"] and fired["198.51.100.7"][0] <= 11.1, fired
+        assert len(fired["198.51.100.7"]) >= 9
+        assert fired["198.51.100.8"] == []
+
+
+def test_wall_clock_steps_of_an_hour_neither_ban_a_quiet_client_nor_forget_a_flood() -> None:
+    # The tables run on the clock they are given (the daemon's monotonic one): the
+    # records' wall-clock stamps stepping an hour back or forward change nothing.
+    rules = [{"name": "query-flood", "threshold": 5000, "window": 10}]
+    for step in (-3600.0, 3600.0):
+        fired = run_daemon_like(rules, {"198.51.100.7": 1000, "198.51.100.9": 2},
+                                seconds=30, phase=0.3, wall_step=(15.0, step))
+        flood = fired["198.51.100.7"]
+        assert fired["198.51.100.9"] == []
+        # Over 5,000 from the first tick after 5 s on, at every tick, across the step.
+        assert flood == [round(5.3 + i, 2) for i in range(len(flood))], flood
+        assert flood[-1] >= 29
 
 
 def trig(src: str, rate: float = 100.0, action: str = "ban", rule: str = "flood") -> Trigger:
@@ -96,3 +162,29 @@ def test_escalation_for_repeat_offenders() -> None:
     p = plan(1000.0, [t], [], never, 10, {net("198.51.100.1/32"): Offence(2, 999.0)},
              3.0, 86400.0)
     assert p.bans[0][1] == 5400.0
+
+
+def test_offences_are_bounded_oldest_first_and_forgotten() -> None:
+    offences = Offences(forget_after=100.0, cap=3)
+    for i, src in enumerate(["198.18.0.1/32", "198.18.0.2/32", "198.18.0.3/32"]):
+        assert offences.record(net(src), float(i)) == Offence(1, float(i))
+    assert offences.record(net("198.18.0.1/32"), 10.0) == Offence(2, 10.0)  # now the newest
+    offences.record(net("198.18.0.4/32"), 11.0)  # over the cap: the oldest goes
+    assert list(offences) == [net("198.18.0.3/32"), net("198.18.0.1/32"),
+                              net("198.18.0.4/32")]
+    offences.forget_old(110.5)  # 0.3 last banned at 2.0, 0.1 at 10.0: forgotten
+    assert list(offences) == [net("198.18.0.4/32")]
+    # a repeat after its offence is forgotten counts as a first ban
+    assert offences.record(net("198.18.0.4/32"), 500.0) == Offence(1, 500.0)
+    # networks of both families and any length come back as they went in
+    both = [net("::/8"), net("0.0.0.0/8"), net("2001:db8::7/128"), net("203.0.113.0/24")]
+    kept = Offences(100.0, [(n, Offence(2, float(i))) for i, n in enumerate(both)])
+    assert list(kept) == both and all(n in kept for n in both) and "::/8" not in kept
+
+
+def test_a_forged_flood_cannot_grow_the_offences_past_the_cap() -> None:
+    offences = Offences(forget_after=86_400.0, cap=1000)
+    for i in range(5000):
+        offences.record(net(f"198.18.{i // 256}.{i % 256}/32"), float(i))
+    assert len(offences) == 1000
+    assert next(iter(offences)) == net("198.18.15.160/32")  # the 4001st: the oldest kept

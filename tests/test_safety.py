@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import floodd.command
+from faults import FaultyCommand
 from floodd.decide.safety import own_networks, parse_ip_addr, protected_reason
+from floodd.errors import FlooddError
 
 net = ipaddress.ip_network
 WHITELIST = (net("127.0.0.0/8"), net("::1/128"), net("198.51.100.0/28"))
@@ -77,3 +82,14 @@ def test_own_networks_in_a_namespace(lab: Any, in_server: Any) -> None:
     assert {net("127.0.0.1/32"), net("::1/128"), net(f"{lab.server_v4}/32"),
             net(f"{lab.server_v6}/128")} <= set(own)
     assert all(n.prefixlen == n.max_prefixlen for n in own)
+
+
+def test_a_hung_ip_is_one_line_after_the_timeout(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ip = FaultyCommand(tmp_path / "bin", "ip")
+    ip.hang()
+    monkeypatch.setenv("PATH", f"{ip.dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(floodd.command, "TIMEOUT", 0.5)
+    with pytest.raises(FlooddError) as exc:
+        own_networks()
+    assert str(exc.value) == "ip -j addr did not finish within 0.5 s (killed)"

@@ -99,7 +99,7 @@ def test_flood_capture(tmp_path: Path) -> None:
     sources: Counter[bytes] = Counter()
     qtypes: Counter[int] = Counter()
     while (batch := capture.read(0.0)) is not None:
-        assert all(r[5] == 0 for r in batch.records)
+        assert all(r[4] == 0 for r in batch.records)
         sources.update(r[1] for r in batch.records)
         qtypes.update(r[3] for r in batch.records)
     capture.close()

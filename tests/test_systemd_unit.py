@@ -4,6 +4,7 @@ settings floodd relies on, and agreement with floodd's defaults."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shutil
 import signal
@@ -185,3 +186,52 @@ def test_floodd_works_inside_the_units_sandbox(dns_lab: Any, tmp_path: Path) -> 
     assert sorted(calls - allowed_syscalls(UNIT_SETTINGS["Service.SystemCallFilter"])) == []
     assert families <= set(one("Service.RestrictAddressFamilies").split()), families
     assert wx_maps == [], wx_maps[:3]
+
+
+def _privileged_prestart() -> list[list[str]]:
+    """The unit's ``ExecStartPre=+…`` commands: run as root before the sandbox is set up."""
+    return [value[1:].split() for value in UNIT_SETTINGS.get("Service.ExecStartPre", [])
+            if value.startswith("+")]
+
+
+def _iptables_under_read_only_run(tmp_path: Path, prestart: list[list[str]]
+                                  ) -> subprocess.CompletedProcess[str]:
+    """``floodd ban`` and ``floodd bans`` with the iptables backend, as on a fresh boot
+    under ProtectSystem=strict: in a mount and network namespace of their own, /run an
+    empty tmpfs (nothing has created iptables' lock file yet), then ``prestart`` run as
+    systemd would, then /run made read-only."""
+    floodd = Path(sys.executable).parent / "floodd"
+    cfg = write_config(tmp_path / "floodd.yaml", daemon_config(
+        tmp_path, firewall={"backend": "iptables"}))
+    steps = ["mount -t tmpfs -o mode=0755 tmpfs /run",
+             *(" ".join(argv) for argv in prestart),
+             "mount -o remount,ro /run",
+             f"{floodd} ban 198.51.100.7 --for 60s --backend iptables -c {cfg}",
+             f"{floodd} bans --json --backend iptables -c {cfg}"]
+    return subprocess.run(["unshare", "--mount", "--net", "sh", "-ec", " && ".join(steps)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")
+def test_iptables_backend_works_with_the_units_read_only_run(tmp_path: Path) -> None:
+    """ProtectSystem=strict leaves /run read-only, where iptables keeps its lock file: on a
+    fresh boot floodd could not create it.  The unit creates it before the sandbox."""
+    from conftest import backend_problem
+    problem = backend_problem("iptables")
+    assert problem is None, problem
+    prestart = _privileged_prestart()
+    assert ["/usr/bin/touch", "/run/xtables.lock"] in prestart
+
+    proc = _iptables_under_read_only_run(tmp_path, prestart)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "banned 198.51.100.7 for 1m" in proc.stdout
+    bans = json.loads(proc.stdout[proc.stdout.index("["):])
+    assert [b["source"] for b in bans] == ["198.51.100.7/32"]
+
+    # Without the unit's step, the one-line error says what is missing.
+    proc = _iptables_under_read_only_run(tmp_path, [])
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == ("floodd: cannot open the xtables lock /run/xtables.lock: "
+                                   "Read-only file system (it must exist before floodd "
+                                   "starts: the systemd unit creates it with "
+                                   "ExecStartPre=+/usr/bin/touch)"), proc.stderr

@@ -22,7 +22,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="floodd",
-                    description="Auto-ban daemon that protects DNS servers from packet floods.")
+                    description="Auto-ban daemon that protects DNS servers from packet floods.",
+                    epilog="exit status: 0 done; 1 floodd could not do it (the daemon cannot "
+                           "start, a firewall command failed, the daemon is not running or "
+                           "did not answer, the source is not banned); 2 bad input (usage, "
+                           "argument, configuration, capture file, a refused request). "
+                           "'floodd COMMAND --help' tells more of each command.")
     parser.add_argument("--version", action="version", version=f"floodd {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
     for module in (check_config, run, analyze, status, bans):

@@ -2,7 +2,8 @@
 
 It counts exactly what the daemon counts (queries to the DNS ports, malformed ones
 included, attributed to their source), replays the configured rules over the
-capture's own timeline and reports who they would ban.
+capture's own timeline (its timestamps are the tables' clock; the rules are
+evaluated at the last packet of every bucket) and reports who they would ban.
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, TextIO
 
 from floodd.cli.common import add_config_option, config_from_args
 from floodd.detect.capture import OfflineCapture
 from floodd.config import Config
 from floodd.errors import FlooddError
-from floodd.detect.parse import F_MALFORMED, Batch
+from floodd.detect.parse import F_MALFORMED, Batch, Record
 from floodd.decide.policy import Trigger, evaluate
 from floodd.qtypes import qtype_name
 from floodd.detect.ratetable import RateTable
 from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
                             prefix_keys, prefix_network, qtype_key, split_qtype_key)
+
+_qtype = itemgetter(3)
 
 # One bucket wider than any capture: a RateTable that never slides is a bounded counter.
 _FOREVER = float(2**40)
@@ -60,6 +64,22 @@ class Report:
                 "would_ban": self.would_ban}
 
 
+def by_bucket(records: list[Record], bucket: float) -> list[list[Record]]:
+    """``records`` cut wherever their timestamps enter another bucket."""
+    if records[0][0] // bucket == records[-1][0] // bucket:
+        return [records]
+    parts = []
+    start = 0
+    current = records[0][0] // bucket
+    for i, rec in enumerate(records):
+        b = rec[0] // bucket
+        if b != current:
+            parts.append(records[start:i])
+            start, current = i, b
+    parts.append(records[start:])
+    return parts
+
+
 class Analyzer:
     """Feeds batches to the daemon's tables plus capture-long per-source counters."""
 
@@ -68,7 +88,10 @@ class Analyzer:
         self.report = Report(file=file)
         cap = config.rate_table.capacity
         self.traffic = Traffic(config, track_peak=True)
-        self.traffic.on_bucket_end = self._evaluate
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.malformed = 0
+        self.qtype_counts: Counter[int] = Counter()
         self.lifetime: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         self.lifetime_qtypes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         self.lifetime_prefixes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
@@ -81,15 +104,25 @@ class Analyzer:
         records = batch.records
         if not records:
             return
-        self.traffic.add_batch(batch)
+        self.qtype_counts.update(map(_qtype, records))
+        self.malformed += sum(1 for r in records if r[4] & F_MALFORMED)
+        bucket = self.config.rate_table.bucket
+        if self.first_ts is None:
+            self.first_ts = records[0][0]
+        for part in by_bucket(records, bucket):
+            # The rules are evaluated at the last packet before another bucket.
+            if self.last_ts is not None and part[0][0] // bucket != self.last_ts // bucket:
+                self._evaluate(self.last_ts)
+            self.traffic.add_batch(part[-1][0], part)
+            self.last_ts = part[-1][0]
         sources = packet_sources(records)
         self.lifetime.add_keys(0.0, sources)
         self.lifetime_prefixes.add_keys(0.0, prefix_keys(sources, 24, 64))
         # Each source's query-type mix; packets with no query type known (e.g. a
         # bare TCP segment) have none to add.
         self.lifetime_qtypes.add_keys(0.0, [
-            qtype_key(r[1], MALFORMED_QTYPE if r[5] & F_MALFORMED else r[3])
-            for r in records if r[3] >= 0 or r[5] & F_MALFORMED])
+            qtype_key(r[1], MALFORMED_QTYPE if r[4] & F_MALFORMED else r[3])
+            for r in records if r[3] >= 0 or r[4] & F_MALFORMED])
 
     def _evaluate(self, now: float) -> None:
         for trig in evaluate(now, self.traffic, self.config.rules):
@@ -103,14 +136,14 @@ class Analyzer:
     def finish(self, top: int) -> Report:
         rep = self.report
         t = self.traffic
-        if t.last_ts is not None:
-            self._evaluate(t.last_ts)
+        if self.last_ts is not None:
+            self._evaluate(self.last_ts)
         rep.total = t.packets
-        rep.malformed = t.malformed
-        if t.first_ts is not None and t.last_ts is not None:
-            rep.duration = t.last_ts - t.first_ts
-        rep.qtypes = {qtype_label(code): n for code, n in t.qtype_counts.most_common()
-                      if code != -1 and code != MALFORMED_QTYPE}
+        rep.malformed = self.malformed
+        if self.first_ts is not None and self.last_ts is not None:
+            rep.duration = self.last_ts - self.first_ts
+        rep.qtypes = {qtype_label(code): n for code, n in self.qtype_counts.most_common()
+                      if code != -1}
         bucket = self.config.rate_table.bucket
         mixes: dict[bytes, Counter[str]] = {}
         for key, n in self.lifetime_qtypes.top(0.0, len(self.lifetime_qtypes)):
@@ -124,7 +157,7 @@ class Analyzer:
             })
         for key, n in self.lifetime_prefixes.top(0.0, top):
             rep.prefixes.append({"prefix": str(prefix_network(key, 24, 64)), "packets": n})
-        start = t.first_ts or 0.0
+        start = self.first_ts or 0.0
         for which, trig in sorted(self.first.items(), key=lambda kv: (-kv[1].rate, kv[0])):
             rep.would_ban.append({
                 "source": str(trig.network), "rule": trig.rule, "action": trig.action,

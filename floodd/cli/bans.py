@@ -2,7 +2,8 @@
 
 When the daemon runs (it answers on ``daemon.control_socket``) the request goes through
 it, so its own record of the bans stays right.  Otherwise, or with ``--backend``, the
-command works on the kernel directly through the configured firewall backend.
+command works on the kernel directly, through the same ban owner the daemon uses
+(floodd.enforce.banset) on the configured firewall backend.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import math
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any
 
 from floodd.cli.common import add_config_option, config_from_args
 from floodd.config import Config, parse_duration, parse_network
 from floodd.service.control import NotRunning, request
-from floodd.errors import FlooddError
+from floodd.errors import Failure, FlooddError
+from floodd.enforce.banset import BanSet, NewBan, holder
+from floodd.enforce.clock import now as clock_now
 from floodd.enforce.firewall import BACKENDS, make_backend
-from floodd.enforce.firewall.base import Backend, Ban, InstalledBan, Network
+from floodd.enforce.firewall.base import Backend, Network
 from floodd.decide.safety import own_networks, protected_reason
 
 # A manual ban lasts this long unless --for says otherwise.
@@ -89,12 +92,6 @@ def format_bans(records: list[dict[str, Any]], now: float) -> list[str]:
             for row in rows]
 
 
-def _holder(network: Network, banned: Iterable[Network]) -> Network | None:
-    """The banned prefix ``network`` lies in, if any."""
-    return next((n for n in banned if n.version == network.version
-                 and network.subnet_of(n)), None)  # type: ignore[arg-type]
-
-
 def _sort_key(record: dict[str, Any]) -> tuple[int, Any]:
     net = ipaddress.ip_network(record["source"])
     return net.version, net
@@ -106,6 +103,13 @@ def _backend(args: argparse.Namespace, config: Config) -> Backend:
         firewall = replace(firewall, backend=args.backend)
     backend, _ = make_backend(firewall, config.capture.ports, config.capture.protocols)
     return backend
+
+
+def _kernel_bans(args: argparse.Namespace, config: Config, set_up: bool) -> BanSet:
+    """The bans in the kernel, to change them directly (no daemon)."""
+    bans = BanSet(config.firewall)
+    bans.start(clock_now(), _backend(args, config), set_up=set_up)
+    return bans
 
 
 def _daemon(args: argparse.Namespace, config: Config, cmd: str,
@@ -146,16 +150,12 @@ def _ban(args: argparse.Namespace) -> int:
         if why is not None and not args.force:
             raise FlooddError(f"refusing to ban {_show_source(network)}: {why} "
                               "(use --force to ban it anyway)")
-        now = time.time()
-        backend = _backend(args, config)
-        backend.setup()
-        backend.ban([Ban(network, reason, now, now + seconds)])
-        backend.commit()
-        installed = [ib.network for ib in backend.list()]
-        if network not in installed:
-            holder = _holder(network, installed)
-            raise FlooddError(f"{network} was not added: it lies inside the banned prefix "
-                              f"{holder}" if holder else f"{network} was not added")
+        bans = _kernel_bans(args, config, set_up=True)
+        done = bans.ban(clock_now(), [NewBan(network, reason, seconds)])
+        if network not in {b.network for b in done.added}:
+            inside = bans.holder(network)
+            raise Failure(f"{network} was not added: it lies inside the banned prefix "
+                              f"{inside}" if inside else f"{network} was not added")
     print(f"banned {_show_source(network)} for {human_duration(seconds)} ({reason})")
     return 0
 
@@ -164,27 +164,26 @@ def _unban(args: argparse.Namespace) -> int:
     network = None if args.all else source_network(args.source)
     config = config_from_args(args)
     reply = _daemon(args, config, "bans")
-    backend = None
+    bans = None
     if reply is not None:
         banned = [ipaddress.ip_network(r["source"]) for r in reply["bans"]]
     else:
-        backend = _backend(args, config)
-        banned = [ib.network for ib in backend.list()]
+        bans = _kernel_bans(args, config, set_up=False)
+        banned = bans.networks()
     if network is not None and network not in banned:
-        holder = _holder(network, banned)
+        inside = holder(network, banned)
         print(f"{_show_source(network)} is not banned"
-              + (f" (it lies inside the banned prefix {holder})" if holder else ""),
+              + (f" (it lies inside the banned prefix {inside})" if inside else ""),
               file=sys.stderr)
         return 1
     targets = banned if network is None else [network]
-    if backend is None:
+    if bans is None:
         if network is None:
-            _daemon(args, config, "unban", source="", all=True)
+            _daemon(args, config, "unban", all=True)
         else:
             _daemon(args, config, "unban", source=str(network))
-    elif targets:
-        backend.unban(targets)
-        backend.commit()
+    else:
+        targets = list(bans.unban(clock_now(), targets))
     if network is None:
         print(f"unbanned {len(targets)} {'ban' if len(targets) == 1 else 'bans'}")
     else:

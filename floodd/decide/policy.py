@@ -1,14 +1,17 @@
 """Policy stage (pure): which keys the rules say to ban or warn about, right now.
 
-``evaluate`` reads the rate tables at time ``now`` and returns one
-:class:`Trigger` per (rule, source or prefix) over its threshold.  What to do
-with a trigger (safety checks, the ban cap, escalation) is decided by the caller.
+``evaluate`` reads the rate tables at time ``now`` (the clock the tables are fed
+with) and returns one :class:`Trigger` per (rule, source or prefix) over its
+threshold.  What to do with a trigger (safety checks, the ban cap, escalation)
+is decided by the caller.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from ipaddress import IPv4Network, IPv6Network
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from floodd.config import Network, Rule
 from floodd.detect.traffic import Traffic, address_network, prefix_network, rule_qtype, split_qtype_key
@@ -19,7 +22,7 @@ class Trigger:
     rule: str
     action: str  # "ban" or "warn"
     network: Network
-    count: int  # matching packets in the rule's window
+    count: int  # matching packets in the rule's window (within one bucket, see ratetable)
     window: float
     ban_time: float
 
@@ -30,6 +33,11 @@ class Trigger:
 
 
 def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule]) -> list[Trigger]:
+    """A trigger for every key counting more than a rule's threshold in its window.
+
+    A rule with ``total_threshold`` is skipped unless all sources together count
+    more than that; a qtype rule reads only its own qtype's keys.
+    """
     triggers: list[Trigger] = []
     for rule in rules:
         if rule.total_threshold is not None and \
@@ -37,7 +45,7 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule]) -> list[Trigge
             continue  # rotating-source guard not armed
         table = traffic.table_for(rule)
         qtype = rule_qtype(rule)
-        for key, count in table.over(now, rule.threshold, rule.window):
+        for key, count in table.over(now, rule.threshold):
             if rule.aggregate == "prefix":
                 network = prefix_network(key, rule.prefix_v4, rule.prefix_v6)
             elif qtype is not None:
@@ -52,12 +60,16 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule]) -> list[Trigge
     return triggers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Offence:
     """A network's ban history, for escalating repeat offenders."""
 
     count: int  # bans so far
-    last: float  # unix time of the latest ban
+    last: float  # time of the latest ban (monotonic in the daemon, unix in the state file)
+
+
+# Repeat offenders remembered at most; beyond, the one banned longest ago is forgotten.
+MAX_OFFENCES = 100_000
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,70 @@ class Plan:
 def remembered(offence: Offence | None, now: float, cap: float) -> Offence | None:
     """The offence if it still counts: it is forgotten ``cap`` seconds after its last ban."""
     return offence if offence is not None and now - offence.last <= cap else None
+
+
+class Offences(Mapping[Network, Offence]):
+    """The repeat offenders, bounded: at most ``cap`` networks, and none whose last ban is
+    more than ``forget_after`` seconds old once :meth:`forget_old` ran.
+
+    Kept in the order of their last ban (oldest first), so the oldest is evicted first
+    and forgetting stops at the first offence still remembered.  A network is held as its
+    packed address and prefix length (an ``ip_network`` object costs ten times as much).
+    """
+
+    def __init__(self, forget_after: float, items: Iterable[tuple[Network, Offence]] = (),
+                 cap: int = MAX_OFFENCES) -> None:
+        self.forget_after = forget_after
+        self.cap = cap
+        self._by_age: OrderedDict[bytes, Offence] = OrderedDict()
+        for network, offence in sorted(items, key=lambda item: item[1].last):
+            self._by_age[_key(network)] = offence
+            self._evict()
+
+    def __getitem__(self, network: Network) -> Offence:
+        return self._by_age[_key(network)]
+
+    def __contains__(self, network: object) -> bool:
+        return isinstance(network, (IPv4Network, IPv6Network)) and \
+            _key(network) in self._by_age
+
+    def __iter__(self) -> Iterator[Network]:
+        return (_network(key) for key in self._by_age)
+
+    def __len__(self) -> int:
+        return len(self._by_age)
+
+    def record(self, network: Network, now: float) -> Offence:
+        """``network`` is banned at ``now`` (a time no earlier than any before): its
+        offence, counting the earlier bans still remembered."""
+        key = _key(network)
+        old = remembered(self._by_age.pop(key, None), now, self.forget_after)
+        offence = Offence((old.count if old else 0) + 1, now)
+        self._by_age[key] = offence
+        self._evict()
+        return offence
+
+    def forget_old(self, now: float) -> None:
+        """Drop the offences :func:`remembered` no longer counts at ``now``."""
+        while self._by_age:
+            key, offence = next(iter(self._by_age.items()))
+            if remembered(offence, now, self.forget_after) is not None:
+                return
+            del self._by_age[key]
+
+    def _evict(self) -> None:
+        while len(self._by_age) > self.cap:
+            self._by_age.popitem(last=False)
+
+
+def _key(network: Network) -> bytes:
+    """4 or 16 address bytes, then the prefix length: one key per network."""
+    return network.network_address.packed + bytes((network.prefixlen,))
+
+
+def _network(key: bytes) -> Network:
+    family = IPv4Network if len(key) == 5 else IPv6Network
+    return family((key[:-1], key[-1]))
 
 
 def ban_time(trigger: Trigger, offence: Offence | None, now: float, factor: float,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
-import subprocess
 from typing import Any, Sequence
 
-from floodd.errors import FlooddError
-from floodd.enforce.firewall.base import Network
+from floodd.command import run
+from floodd.config import Network
+from floodd.errors import Failure, FlooddError
 
 LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),
                                  ipaddress.ip_network("::1/128"))
@@ -35,14 +35,13 @@ def own_networks() -> list[Network]:
     if ip is None:
         raise FlooddError("ip not found: install iproute2 (floodd needs it to know this "
                           "host's own addresses)")
-    proc = subprocess.run([ip, "-j", "addr", "show"], capture_output=True, text=True,
-                          check=False)
+    proc = run([ip, "-j", "addr", "show"])
     if proc.returncode != 0:
-        raise FlooddError(f"ip -j addr show failed: {proc.stderr.strip()[:200]}")
+        raise Failure(f"ip -j addr show failed: {proc.stderr.strip()[:200]}")
     try:
         return parse_ip_addr(json.loads(proc.stdout))
     except (ValueError, TypeError, AttributeError):
-        raise FlooddError("ip -j addr show printed something unreadable") from None
+        raise Failure("ip -j addr show printed something unreadable") from None
 
 
 def _within(inner: Network, outer: Network) -> bool:

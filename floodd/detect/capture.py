@@ -4,13 +4,16 @@ Both sources hand out :class:`floodd.detect.parse.Batch` objects.  A live captur
 nonblocking and waits on its file descriptor with the caller's timeout: libpcap's
 own read timeout can block forever on an idle Linux interface.  It only sees
 packets arriving at the host (``PCAP_D_IN``), like the Linux cooked frames the
-parser counts.
+parser counts.  A live capture stamps its records with ``time.monotonic()`` at
+the read (the kernel's frame timestamps follow the wall clock, which can step);
+a file's records carry the capture's own timestamps.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
@@ -139,7 +142,7 @@ class LiveCapture:
             if not ready:
                 return Batch([], 0, 0)
             data, meta = self._pcap.next_batch(self._batch_size)
-        return self._parser.parse_batch(data, meta)
+        return self._parser.parse_batch(data, meta, time.monotonic())
 
     def stats(self) -> CaptureStats:
         received, dropped, if_dropped = self._pcap.stats()

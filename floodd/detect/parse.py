@@ -2,13 +2,13 @@
 
 A record is a plain tuple, for speed on the per-packet path::
 
-    (ts, src, proto, qtype, qname, flags)
+    (ts, src, proto, qtype, flags)
 
-``ts`` capture time (float seconds), ``src`` the packed source address (4 bytes
-IPv4, 16 bytes IPv6), ``proto`` 17 (UDP) or 6 (TCP), ``qtype`` the type of the
-first question or -1 when there is none, ``qname`` the question name in DNS wire
-format (uncompressed, ending in the root label) or None, ``flags`` a combination
-of the ``F_*`` bits.
+``ts`` the capture time (float seconds: the frame's timestamp, or the clock a
+live capture passes to :meth:`Parser.parse_batch`), ``src`` the packed source
+address (4 bytes IPv4, 16 bytes IPv6), ``proto`` 17 (UDP) or 6 (TCP), ``qtype``
+the type of the first question or -1 when there is none, ``flags`` a
+combination of the ``F_*`` bits.
 
 Counting rules:
 
@@ -52,7 +52,7 @@ F_MALFORMED = 1  # not a well-formed DNS query start
 F_FRAGMENT = 2  # came from an IP fragment (reassembled or not)
 F_EXTRA = 4  # a further DNS message completed by the same TCP segment: not a packet
 
-Record = tuple[float, bytes, int, int, bytes | None, int]
+Record = tuple[float, bytes, int, int, int]
 _Append = Callable[[Record], None]
 
 LINKTYPE_ETHERNET = 1
@@ -114,7 +114,7 @@ TCP_FIN = 0x01
 TCP_SYN = 0x02
 TCP_RST = 0x04
 
-_MALFORMED: tuple[int, bytes | None, int] = (-1, None, F_MALFORMED)
+_MALFORMED: tuple[int, int] = (-1, F_MALFORMED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +124,8 @@ class Batch:
     ignored: int  # frames that are not queries to the DNS ports
 
 
-def question(buf: bytes, dns: int, end: int) -> tuple[int, bytes | None, int]:
-    """(qtype, qname, flags) of the DNS message at ``buf[dns:end]``: flags 0 or F_MALFORMED."""
+def question(buf: bytes, dns: int, end: int) -> tuple[int, int]:
+    """(qtype, flags) of the DNS message at ``buf[dns:end]``: flags 0 or F_MALFORMED."""
     if dns + 12 > end:
         return _MALFORMED
     if buf[dns + 2] & 0x80 or not (buf[dns + 4] or buf[dns + 5]):
@@ -133,7 +133,6 @@ def question(buf: bytes, dns: int, end: int) -> tuple[int, bytes | None, int]:
     p = seg = dns + 12
     after = -1  # where the question continues after the first pointer
     length = 1  # wire length of the name, root label included
-    labels = []
     while True:
         if p >= end:
             return _MALFORMED
@@ -144,7 +143,6 @@ def question(buf: bytes, dns: int, end: int) -> tuple[int, bytes | None, int]:
             length += n + 1
             if length > MAX_NAME or p + 1 + n > end:
                 return _MALFORMED
-            labels.append(buf[p:p + 1 + n])
             p += n + 1
         elif n >= 0xC0 and p + 1 < end:
             target = dns + (((n & 0x3F) << 8) | buf[p + 1])
@@ -159,8 +157,7 @@ def question(buf: bytes, dns: int, end: int) -> tuple[int, bytes | None, int]:
     qend = p + 1 if after < 0 else after
     if qend + 4 > end:
         return _MALFORMED
-    labels.append(b"\x00")
-    return (buf[qend] << 8) | buf[qend + 1], b"".join(labels), 0
+    return (buf[qend] << 8) | buf[qend + 1], 0
 
 
 def _skip_ipv6_ext(nh: int, buf: bytes, p: int, end: int) -> tuple[int, int]:
@@ -254,7 +251,7 @@ class _Flow:
         self.seq = seq  # next expected sequence number
         self.head = b""  # length prefix + head of the current message, up to DNS_HEAD
         self.skip = 0  # bytes of the current message still to come after its head
-        self.pending: tuple[int, bytes | None, int] = _MALFORMED  # the current message
+        self.pending: tuple[int, int] = _MALFORMED  # (qtype, flags) of the current message
 
 
 class Parser:
@@ -282,9 +279,14 @@ class Parser:
         self._flows: dict[tuple[bytes, bytes, int, int], _Flow] = {}
         self._now = 0.0  # capture time of the latest frame
 
-    def parse_batch(self, data: bytes, meta: bytes) -> Batch:
+    def parse_batch(self, data: bytes, meta: bytes, now: float | None = None) -> Batch:
         """Parse a pcapy-ng ``next_batch()`` result: ``meta`` holds 16-byte records
-        (sec, usec, offset, caplen) locating each frame in ``data``."""
+        (sec, usec, offset, caplen) locating each frame in ``data``.
+
+        Records are stamped, and the reassembly timeouts run, on the frames' own
+        timestamps; or, given ``now``, on that (a live capture passes its monotonic
+        clock, so that a step of the wall clock changes nothing).
+        """
         records: list[Record] = []
         append = records.append
         frame = self._frame
@@ -297,9 +299,10 @@ class Parser:
         name_off = link.name_off
         ports = self._udp_ports
         ignored = 0
-        ts = self._now
+        ts = self._now if now is None else now
         for sec, usec, off, caplen in _META.iter_unpack(meta):
-            ts = sec + usec * 1e-6
+            if now is None:
+                ts = sec + usec * 1e-6
             end = off + caplen
             if caplen >= hot_len:
                 # The fast path: a query over UDP/IPv4 with a 20-byte header, not a
@@ -311,16 +314,15 @@ class Parser:
                     ip_end = off + ip_off + totlen
                     if totlen < 20 or ip_end > end:
                         ip_end = end
-                    p = q = off + name_off
-                    stop = q + MAX_NAME if q + MAX_NAME < ip_end else ip_end
+                    p = off + name_off
+                    stop = p + MAX_NAME if p + MAX_NAME < ip_end else ip_end
                     while p < stop:
                         n = data[p]
                         if n == 0 or n > 63:
                             break
                         p += n + 1
                     if p < stop and not data[p] and p + 5 <= ip_end:
-                        append((ts, src, UDP, (data[p + 1] << 8) | data[p + 2],
-                                data[q:p + 1], 0))
+                        append((ts, src, UDP, (data[p + 1] << 8) | data[p + 2], 0))
                         continue
             if frame(ts, data, off, end, append):
                 ignored += 1
@@ -328,15 +330,17 @@ class Parser:
         self._expire(ts, append)
         return Batch(records, len(meta) // 16, ignored)
 
-    def parse_frames(self, frames: Iterable[tuple[float, bytes]]) -> Batch:
-        """Parse (timestamp, frame) pairs, e.g. frames built by hand."""
+    def parse_frames(self, frames: Iterable[tuple[float, bytes]],
+                     now: float | None = None) -> Batch:
+        """Parse (timestamp, frame) pairs, e.g. frames built by hand (``now`` as for
+        :meth:`parse_batch`)."""
         data = bytearray()
         meta = bytearray()
         for ts, frame in frames:
             sec = int(ts)
             meta += _META.pack(sec, round((ts - sec) * 1e6), len(data), len(frame))
             data += frame
-        return self.parse_batch(bytes(data), bytes(meta))
+        return self.parse_batch(bytes(data), bytes(meta), now)
 
     def flush(self) -> Batch:
         """Give up all pending state (end of a capture file): datagrams to a DNS port
@@ -430,8 +434,8 @@ class Parser:
             return True
         dport = (data[l4 + 2] << 8) | data[l4 + 3]
         if proto == UDP and dport in self._udp_ports:
-            qtype, qname, f = question(data, l4 + 8, end)
-            out((ts, src, UDP, qtype, qname, f | flags))
+            qtype, f = question(data, l4 + 8, end)
+            out((ts, src, UDP, qtype, f | flags))
             return False
         if proto == TCP and dport in self._tcp_ports:
             self._tcp(ts, src, dst, data, l4, end, flags, out)
@@ -499,7 +503,7 @@ class Parser:
         dgram = self._datagrams.pop(key)
         self._fragment_bytes -= dgram.size
         if dgram.dns:
-            out((ts, dgram.src, dgram.transport, -1, None, F_FRAGMENT | F_MALFORMED))
+            out((ts, dgram.src, dgram.transport, -1, F_FRAGMENT | F_MALFORMED))
 
     def _expire(self, now: float, out: _Append) -> None:
         """Give up datagrams and TCP flows too old in capture time (oldest first)."""
@@ -519,12 +523,12 @@ class Parser:
     def _tcp(self, ts: float, src: bytes, dst: bytes, data: bytes, l4: int, end: int,
              flags: int, out: _Append) -> None:
         if l4 + 20 > end:
-            out((ts, src, TCP, -1, None, flags | F_MALFORMED))
+            out((ts, src, TCP, -1, flags | F_MALFORMED))
             return
         sport, dport, seq, _, doff, tcp_flags = _TCP.unpack_from(data, l4)
         doff = (doff >> 4) * 4
         if doff < 20 or l4 + doff > end:
-            out((ts, src, TCP, -1, None, flags | F_MALFORMED))
+            out((ts, src, TCP, -1, flags | F_MALFORMED))
             return
         key = (src, dst, sport, dport)
         flows = self._flows
@@ -532,7 +536,7 @@ class Parser:
         if tcp_flags & TCP_SYN:
             flow = _Flow(ts, (seq + 1) & 0xFFFFFFFF)
             seq = flow.seq
-        messages: list[tuple[int, bytes | None, int]] = []
+        messages: list[tuple[int, int]] = []
         if flow is not None:
             flow.ts = ts
             ahead = (seq - flow.seq) & 0xFFFFFFFF
@@ -549,16 +553,16 @@ class Parser:
             if len(flows) > MAX_FLOWS:
                 del flows[next(iter(flows))]
         if not messages:
-            out((ts, src, TCP, -1, None, flags))
+            out((ts, src, TCP, -1, flags))
             return
-        qtype, qname, f = messages[0]
-        out((ts, src, TCP, qtype, qname, f | flags))
-        for qtype, qname, f in messages[1:MAX_EXTRA + 1]:
-            out((ts, src, TCP, qtype, qname, f | flags | F_EXTRA))
+        qtype, f = messages[0]
+        out((ts, src, TCP, qtype, f | flags))
+        for qtype, f in messages[1:MAX_EXTRA + 1]:
+            out((ts, src, TCP, qtype, f | flags | F_EXTRA))
 
 
-def _feed(flow: _Flow, data: bytes) -> list[tuple[int, bytes | None, int]]:
-    """Append in-order stream bytes; the (qtype, qname, flags) of each DNS message
+def _feed(flow: _Flow, data: bytes) -> list[tuple[int, int]]:
+    """Append in-order stream bytes; the (qtype, flags) of each DNS message
     completed, in order (RFC 1035 4.2.2: each message after a 2-byte length)."""
     done = []
     i = 0

@@ -1,53 +1,85 @@
 """Sliding-window packet counters with bounded memory: floodd's rate table.
 
-Time is cut into buckets of ``bucket`` seconds aligned to multiples of
-``bucket`` (bucket number ``floor(now / bucket)``).  A window of W seconds
-covers the bucket holding ``now`` and the ``W / bucket - 1`` buckets before it.
-The table answers any window that is a multiple of ``bucket`` up to its own
-``window``.  Every method takes the clock as ``now``; time moving forward
-expires old buckets (a jump longer than the window clears the table at once,
-whatever its length), time moving backwards counts into the current bucket.
+Clock.  Every method takes the time as ``now``, in seconds of the caller's
+clock: the daemon passes ``time.monotonic()``, ``floodd analyze`` the
+capture's own timestamps.  Time is cut into buckets of ``bucket`` seconds
+aligned to multiples of ``bucket`` (bucket number ``floor(t / bucket)``).  The
+table's time ``t`` is the latest ``now`` it was given: a call with an earlier
+``now`` counts at ``t`` (into the current bucket); a later one moves ``t`` on
+and closes buckets, and a jump longer than the window clears the table,
+whatever its length.
 
-State: a ring of per-bucket dicts ``key -> packets``, a running window total
-per key, the newest bucket each key was seen in, the exact packet total of
-each bucket and, with ``track_peak``, each key's busiest bucket.  A batch costs three dict writes per distinct key; expiring a
-bucket costs one step per entry it holds; a sub-window query reads at most
-half the ring per key.
+Window.  With ``S = window / bucket``, the table holds the current bucket
+(number ``cur``, of which the part ``p = t / bucket - cur`` has elapsed) and
+the ``S`` buckets before it.  The window ``(t - window, t]`` covers the
+buckets ``cur - S + 1 .. cur`` and the last ``1 - p`` of the oldest bucket,
+``cur - S``.  A key's count is::
+
+    count = its packets in buckets cur-S+1 .. cur
+            + floor((1 - p) * its packets in bucket cur-S)
+
+the oldest bucket weighted by the share of it still inside the window;
+``total`` is the same sum over every packet.
+
+Error bound.  A packet counted at time ``u`` belongs to bucket
+``floor(u / bucket)``.  The true number of a key's packets counted at times in
+``(t - window, t]`` and its count both lie between its packets in the newer
+buckets and those plus its packets in the oldest bucket, so
+
+    |count - truth| <= the key's packets in one bucket (the oldest),
+
+whatever the phase ``p`` at which the table is read; equivalently, the count
+lies between the truth over the last ``window - bucket`` and the last
+``window + bucket`` seconds.  For a source sending at a steady rate the error
+is at most a few packets (rounding) at every phase: with ``window = bucket``,
+a 3,000/s source reads 3,000 whether the table is read 0.05 s or 0.95 s into a
+bucket.  (Exact edges inside a bucket would need every packet's time; weighting
+the oldest bucket needs nothing but that bucket, held one bucket longer.)
+
+State, per tracked key: its running total over the ``S + 1`` buckets held, its
+packets in the current bucket (for the keys seen in it) and, once a bucket it
+was seen in has closed, a ring of ``S`` per-bucket counts (1 byte per bucket
+while each count is below 256, 2 below 65,536, else 8).  Per table: the
+packets of each bucket held.  A batch costs two C-level counting passes over
+its keys (the current bucket and the running totals); closing a bucket costs
+one Python step per tracked key (the bucket leaving the window is taken off
+the totals, the closed one stored in the rings); a query reads the oldest
+bucket of each key it returns.
 
 Bound (lossy counting): when more than ``capacity`` keys are tracked, one pass
-drops every key whose window count is at or below a cut level ``c``: the
+drops every key whose running total is at or below a cut level ``c``: the
 smallest count such that at most ``capacity // 2`` keys count more.  Under a
 spoofed flood of one-packet sources ``c`` is 1.  Survivors keep their counts
-untouched.  A prune costs O(keys) plus, per dropped key, the buckets between
-its oldest and newest entry, and comes at most once per ``capacity / 2`` new
-keys.  Guarantees, with N the packets in the window and C the capacity:
+untouched.  A prune costs O(keys) and comes at most once per ``capacity / 2``
+new keys.  Guarantees, with C the capacity and N the packets in the buckets
+held (the last window plus at most one bucket):
 
-* counts never exceed the truth; ``total`` is exact, dropped keys included;
-* at most C keys are tracked after every call, with at most one entry per key
-  and bucket: memory is bounded whatever the traffic, by C * window / bucket
-  entries when C sources each send in every bucket, by about C entries under
-  one-packet-per-source spoofing;
+* counts never exceed a key's packets in the buckets held; ``total`` counts
+  every packet, dropped and forgotten keys included;
+* at most C keys are tracked after every call: memory is bounded whatever the
+  traffic, by about C * (S + 350) bytes per table (see bench/bench_memory.py);
 * since more than C/2 keys count at least ``c``, ``c < 2N/C``: a key is never
-  dropped while its count is at least 2N/C.  A key that receives at least
-  2/C of every batch is therefore never dropped and its counts are exact;
-* the count of a tracked key is exact since it was last (re)admitted: each
+  dropped while its running total is at least 2N/C.  A key that receives at
+  least 2/C of every batch is therefore never dropped, and its count is
+  within the bound above;
+* a tracked key's running total is exact since it was last (re)admitted: each
   drop loses at most the cut, fewer than 2N/C of its packets.  A source
   sending steadily at a rate r above 2/C of the total rate R can be dropped
   only in the first 2R/(rC) of a window after admission; from then on it is
-  tracked and, a window after admission, counted exactly.  Among 500,000
-  one-packet sources per second (C = 100,000) the cut is 1, so a 50 packets/s
-  source is kept from its second packet in the window on.
+  tracked and, a window and a bucket after admission, counted within the
+  bound.  Among 500,000 one-packet sources per second (C = 100,000) the cut
+  is 1, so a 50 packets/s source is kept from its second packet on.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import Counter
-from collections import _count_elements  # type: ignore[attr-defined]  # Counter's C helper
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
-from operator import add, itemgetter, sub
+from operator import add, itemgetter
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -76,6 +108,13 @@ def _cut_level(counts: Iterable[int], size: int, keep: int) -> tuple[int, int]:
     return cut, above
 
 
+def _merge(into: dict[K, int], counts: Mapping[K, int]) -> None:
+    """Add ``counts`` to ``into``, key by key, with every step in C (``dict.update``
+    called as such: ``Counter.update`` would count the pairs)."""
+    dict.update(into, zip(counts, map(add, map(into.get, counts, repeat(0)),
+                                      counts.values())))
+
+
 class RateTable(Generic[K]):
     """Packets per key over a sliding window, at most ``capacity`` keys tracked.
 
@@ -98,96 +137,85 @@ class RateTable(Generic[K]):
         self.capacity = capacity
         self.pruned = 0
         self._span = span
-        # Invariants, for every tracked key k:
-        #   _totals[k] = sum of k's entries in _buckets (all >= 1) and is >= 1;
-        #   _last[k] = the newest bucket number holding an entry for k;
-        #   untracked keys have no entry in _buckets or _last;
-        #   _peaks[k] = k's busiest bucket before the current one, for every
-        #   tracked key seen before it and at most 2 * capacity keys in all.
-        # Bucket number j lives in slot j % span while cur - span < j <= cur.
-        self._buckets: list[dict[K, int]] = [{} for _ in range(span)]
-        self._packets = [0] * span
-        # Most entries each slot's dict has held since it was last rebuilt:
-        # dicts never shrink in place, so sparse ones are copied after a prune.
-        self._high = [0] * span
-        self._totals: dict[K, int] = {}
-        self._last: dict[K, int] = {}
+        # Invariants, for every tracked key k (and only those):
+        #   _totals[k] = _live[k] + sum(_rings[k]) >= 1;
+        #   _live[k] = k's packets in the current bucket, for the keys seen in it;
+        #   _rings[k][j % span] = k's packets in bucket j, cur - span <= j < cur,
+        #   for the keys seen in a bucket that has closed since their admission;
+        #   _peaks[k] = k's busiest closed bucket, for every tracked key seen in
+        #   one and for at most 2 * capacity keys in all.
+        # Bucket j's packets (every key) are in _packets[j % (span + 1)],
+        # cur - span <= j <= cur.
+        self._live: Counter[K] = Counter()
+        self._totals: Counter[K] = Counter()
+        self._rings: dict[K, array[int]] = {}
+        self._empty_ring = array("B", bytes(span))  # widened when a count overflows
+        self._packets = [0] * (span + 1)
         self._peaks: dict[K, int] | None = {} if track_peak else None
         self._cur = -(1 << 62)
+        self._now = -math.inf
 
     def add(self, now: float, key: K, n: int = 1) -> None:
         self.add_counts(now, {key: n})
 
     def add_counts(self, now: float, counts: Mapping[K, int]) -> None:
         """Count a batch (``key -> packets``, all >= 1) into the bucket of ``now``."""
-        slot = self._advance(now)
+        self._advance(now)
         if not counts:
             return
         values = counts.values()
         if min(values) < 1:
             raise ValueError("packet counts must be at least 1")
-        bucket = self._buckets[slot]
-        totals = self._totals
-        self._packets[slot] += sum(values)
-        bucket_get, totals_get, last, cur = bucket.get, totals.get, self._last, self._cur
-        for key, n in counts.items():
-            bucket[key] = bucket_get(key, 0) + n
-            totals[key] = totals_get(key, 0) + n
-            last[key] = cur
-        if len(bucket) > self._high[slot]:
-            self._high[slot] = len(bucket)
-        if len(totals) > self.capacity:
+        self._packets[self._cur % (self._span + 1)] += sum(values)
+        _merge(self._live, counts)
+        _merge(self._totals, counts)
+        if len(self._totals) > self.capacity:
             self._prune()
 
     def add_keys(self, now: float, keys: Sequence[K]) -> None:
         """Count one packet per item of ``keys`` (repeats allowed) into the bucket of ``now``.
 
-        The same as ``add_counts(now, Counter(keys))``, with every per-key step done
-        by C code: the daemon's hot path under a flood of many sources.
+        The same as ``add_counts(now, Counter(keys))``, counted by
+        ``Counter.update`` straight into the current bucket and the totals, every
+        per-key step in C: the daemon's hot path under a flood of many sources.
         """
-        slot = self._advance(now)
+        self._advance(now)
         if not keys:
             return
-        bucket = self._buckets[slot]
-        self._packets[slot] += len(keys)
-        _count_elements(bucket, keys)
-        _count_elements(self._totals, keys)
-        self._last.update(dict.fromkeys(keys, self._cur))
-        if len(bucket) > self._high[slot]:
-            self._high[slot] = len(bucket)
+        self._packets[self._cur % (self._span + 1)] += len(keys)
+        self._live.update(keys)
+        self._totals.update(keys)
         if len(self._totals) > self.capacity:
             self._prune()
 
-    def count(self, now: float, key: K, window: float | None = None) -> int:
-        """Packets from ``key`` in the last ``window`` seconds (None: the table window)."""
+    def count(self, now: float, key: K) -> int:
+        """Packets from ``key`` in the window (see the module docstring for the bound)."""
         self._advance(now)
-        span = self._window_span(window)
         total = self._totals.get(key, 0)
-        if not total or span == self._span:
+        ring = self._rings.get(key)
+        if ring is None or not total:
             return total
-        return self._recent([key], span)[0]
+        oldest = ring[self._cur % self._span]
+        return total - oldest + int(self._keep() * oldest)
 
-    def over(self, now: float, threshold: int,
-             window: float | None = None) -> list[tuple[K, int]]:
+    def over(self, now: float, threshold: int) -> list[tuple[K, int]]:
         """Keys with more than ``threshold`` packets in the window, most first."""
         self._advance(now)
-        hits = [kc for kc in self._counts(self._window_span(window), threshold)
-                if kc[1] > threshold]
+        hits = [kc for kc in self._counts(threshold) if kc[1] > threshold]
         hits.sort(key=_by_count, reverse=True)
         return hits
 
-    def top(self, now: float, n: int, window: float | None = None) -> list[tuple[K, int]]:
+    def top(self, now: float, n: int) -> list[tuple[K, int]]:
         """The ``n`` keys with the most packets in the window, most first."""
         self._advance(now)
-        counts = self._counts(self._window_span(window), 0)
-        return heapq.nlargest(n, (kc for kc in counts if kc[1]), key=_by_count)
+        return heapq.nlargest(n, (kc for kc in self._counts(0) if kc[1]), key=_by_count)
 
-    def total(self, now: float, window: float | None = None) -> int:
-        """All packets counted in the window, dropped and forgotten keys included."""
+    def total(self, now: float) -> int:
+        """All packets in the window, dropped and forgotten keys included."""
         self._advance(now)
-        ring, packets, cur = self._span, self._packets, self._cur
-        since = cur - self._window_span(window) + 1
-        return sum(packets[j % ring] for j in range(since, cur + 1))
+        packets = self._packets
+        oldest = packets[(self._cur + 1) % (self._span + 1)]  # bucket cur - span
+        return sum(packets) - oldest + int(self._keep() * oldest)
 
     def peak(self, key: K) -> int:
         """The most packets ``key`` sent in one bucket (0 if unknown).
@@ -198,132 +226,116 @@ class RateTable(Generic[K]):
         """
         if self._peaks is None:
             raise ValueError("peak needs a RateTable created with track_peak=True")
-        return max(self._peaks.get(key, 0), self._buckets[self._cur % self._span].get(key, 0))
+        return max(self._peaks.get(key, 0), self._live.get(key, 0))
 
     def forget(self, key: K) -> None:
         """Stop tracking ``key`` and drop its peak; its packets stay in ``total``."""
-        if key in self._totals:
-            self._remove(key)
-        elif self._peaks is not None:
+        self._totals.pop(key, None)
+        self._live.pop(key, None)
+        self._rings.pop(key, None)
+        if self._peaks is not None:
             self._peaks.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._totals)
 
-    def _window_span(self, window: float | None) -> int:
-        if window is None:
-            return self._span
-        span = _buckets_in(window, self.bucket)
-        if not 1 <= span <= self._span:
-            raise ValueError(f"window must be a multiple of {self.bucket:g} s "
-                             f"up to {self.window:g} s, got {window!r}")
-        return span
+    def _keep(self) -> float:
+        """The share of the oldest bucket held that is still inside the window."""
+        return min(max(self._cur + 1 - self._now / self.bucket, 0.0), 1.0)
 
-    def _advance(self, now: float) -> int:
-        """Move the current bucket to ``now`` (never backwards); its slot."""
-        target = math.floor(now / self.bucket)
-        cur = self._cur
-        if target > cur:
-            peaks = self._peaks
-            if peaks is not None:
-                peaks_get = peaks.get
-                for key, n in self._buckets[cur % self._span].items():
-                    if n > peaks_get(key, 0):
-                        peaks[key] = n
-            if target - cur >= self._span:
-                for bucket in self._buckets:
-                    bucket.clear()
-                self._packets = [0] * self._span
-                self._high = [0] * self._span
-                self._totals.clear()
-                self._last.clear()
-            else:
-                for j in range(cur + 1, target + 1):
-                    self._expire(j % self._span)
-            self._cur = target
-            if peaks is not None and len(peaks) > 2 * self.capacity:
-                self._trim_peaks(peaks)
-        return self._cur % self._span
+    def _counts(self, floor: int) -> Iterator[tuple[K, int]]:
+        """(key, packets in the window) for the keys with more than ``floor``
+        packets in the buckets held (their running total)."""
+        keep = self._keep()
+        slot = self._cur % self._span
+        rings_get = self._rings.get
+        for key, total in self._totals.items():
+            if total > floor:
+                ring = rings_get(key)
+                if ring is not None:
+                    oldest = ring[slot]
+                    if oldest:
+                        total += int(keep * oldest) - oldest
+                yield key, total
 
-    def _expire(self, slot: int) -> None:
-        bucket = self._buckets[slot]
-        totals, last = self._totals, self._last
-        for key, n in bucket.items():
-            left = totals[key] - n
-            if left:
-                totals[key] = left
-            else:
-                del totals[key], last[key]
-        bucket.clear()
-        self._packets[slot] = 0
-        self._high[slot] = 0
+    def _advance(self, now: float) -> None:
+        """Move the table's time to ``now`` if it is later, closing buckets."""
+        if now > self._now:
+            self._now = now
+            target = math.floor(now / self.bucket)
+            if target > self._cur:
+                self._close(target)
 
-    def _counts(self, span: int, floor: int) -> Iterable[tuple[K, int]]:
-        """(key, packets in the newest ``span`` buckets) for keys with more than
-        ``floor`` packets in the table window."""
-        totals = self._totals
-        if span == self._span:
-            return totals.items()
-        keys = [key for key, total in totals.items() if total > floor]
-        return zip(keys, self._recent(keys, span))
-
-    def _recent(self, keys: list[K], span: int) -> list[int]:
-        """Packets of each tracked key in the newest ``span`` buckets.
-
-        Reads at most half the ring: the newest buckets, or the window totals
-        minus the oldest buckets.
-        """
-        buckets, ring, cur = self._buckets, self._span, self._cur
-        step: Callable[[int, int], int]
-        if 2 * span <= ring:
-            counts, step = [0] * len(keys), add
-            slots = range(cur - span + 1, cur + 1)
+    def _close(self, target: int) -> None:
+        """Close the current bucket and move on to bucket ``target``."""
+        cur, span = self._cur, self._span
+        live, totals, rings = self._live, self._totals, self._rings
+        peaks = self._peaks
+        if peaks is not None:
+            peaks_get = peaks.get
+            for key, n in live.items():
+                if n > peaks_get(key, 0):
+                    peaks[key] = n
+        if target - cur > span:  # every bucket held leaves the window
+            totals.clear()
+            rings.clear()
+            self._packets = [0] * (span + 1)
         else:
-            counts, step = list(map(self._totals.__getitem__, keys)), sub
-            slots = range(cur - ring + 1, cur - span + 1)
-        for j in slots:
-            counts = list(map(step, counts, map(buckets[j % ring].get, keys, repeat(0))))
-        return counts
-
-    def _remove(self, key: K) -> None:
-        left = self._totals.pop(key)
-        newest = self._last.pop(key)
-        if self._peaks is not None:
-            self._peaks.pop(key, None)
-        buckets, ring = self._buckets, self._span
-        for j in range(newest, newest - ring, -1):
-            left -= buckets[j % ring].pop(key, 0)
-            if not left:
-                return
+            # Buckets cur - span .. target - span - 1 leave the window; the first
+            # one's slot is the one the closed bucket goes to.
+            gone = [j % span for j in range(cur - span, target - span)]
+            dead: list[K] = []
+            first, many = gone[0], len(gone) > 1
+            for key, ring in rings.items():
+                n = ring[first]
+                if many:
+                    n = sum([ring[slot] for slot in gone])
+                    for slot in gone:
+                        ring[slot] = 0
+                if n:
+                    ring[first] = 0
+                    left = totals[key] - n
+                    if left:
+                        totals[key] = left
+                    else:
+                        dead.append(key)
+            for key in dead:  # never in live: its total would include that
+                del totals[key], rings[key]
+            slot = cur % span
+            empty = self._empty_ring
+            for key, n in live.items():
+                held = rings.get(key)
+                if held is None:
+                    held = rings[key] = empty[:]
+                try:
+                    held[slot] = n
+                except OverflowError:
+                    held = rings[key] = array("H" if n < 1 << 16 else "Q", held)
+                    held[slot] = n
+            packets, size = self._packets, span + 1
+            for j in range(cur + 1, target + 1):
+                packets[j % size] = 0
+        live.clear()
+        self._cur = target
+        if peaks is not None and len(peaks) > 2 * self.capacity:
+            self._trim_peaks(peaks)
 
     def _prune(self) -> None:
         """Drop every key counting at most the cut level (see the module docstring).
 
-        When the dropped keys hold most bucket entries, as under a spoofed
-        flood, rebuilding the dicts from the survivors beats removing each key.
+        The survivors are copied into new dicts: dicts never shrink in place.
         """
         totals = self._totals
         cut, kept = _cut_level(totals.values(), len(totals), self.capacity // 2)
-        dropped = len(totals) - kept
-        self.pruned += dropped
-        if sum(map(len, self._buckets)) <= 2 * dropped:
-            survivors = {key: total for key, total in totals.items() if total > cut}
-            last, peaks = self._last, self._peaks
-            self._totals = survivors
-            self._last = {key: last[key] for key in survivors}
-            if peaks is not None:
-                self._peaks = {key: peak for key, peak in peaks.items()
-                               if key in survivors or key not in totals}
-            self._buckets = [{key: n for key, n in bucket.items() if key in survivors}
-                             for bucket in self._buckets]
-            self._high = list(map(len, self._buckets))
-            return
-        for key in [key for key, total in totals.items() if total <= cut]:
-            self._remove(key)
-        for slot, bucket in enumerate(self._buckets):
-            if 2 * len(bucket) < self._high[slot]:
-                self._buckets[slot] = bucket.copy()
-                self._high[slot] = len(bucket)
+        self.pruned += len(totals) - kept
+        survivors = Counter({key: total for key, total in totals.items() if total > cut})
+        self._totals = survivors
+        self._live = Counter({key: n for key, n in self._live.items() if key in survivors})
+        self._rings = {key: ring for key, ring in self._rings.items() if key in survivors}
+        peaks = self._peaks
+        if peaks is not None:
+            self._peaks = {key: peak for key, peak in peaks.items()
+                           if key in survivors or key not in totals}
 
     def _trim_peaks(self, peaks: dict[K, int]) -> None:
         """Keep the highest ``capacity // 2`` peaks of keys no longer tracked."""

@@ -1,12 +1,17 @@
 """Rate-table stage: turns parsed batches into the sliding-window counts the rules read.
 
-Keys are bytes, cheap to slice from the packet and to hash:
+One rate table per distinct (key kind, window) the rules read, so that each table
+answers exactly one rule window; a table is kept across :meth:`Traffic.reconfigure`
+while its definition (:class:`TableSpec`) is unchanged.  Keys are bytes, cheap to
+slice from the packet and to hash:
   * source:         the packed address (4 bytes IPv4, 16 bytes IPv6);
   * prefix:         the packed network address of the rule's prefix length (see
                     :func:`prefix_key`), one table per (v4, v6) prefix-length pair;
   * source + qtype: the packed address followed by the qtype in 3 bytes, for the
                     query types some rule matches (``malformed`` is the pseudo
-                    type ``MALFORMED_QTYPE``).
+                    type ``MALFORMED_QTYPE``);
+  * qtype:          the qtype code (an int), every source's packets together, for
+                    the rotating-source guards of qtype rules.
 Per batch every per-packet step runs in C (``map``, ``Counter``, and the rate
 table's ``add_keys``); Python-level loops touch only flagged records and the
 query types a rule watches.
@@ -16,23 +21,28 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from itertools import filterfalse, repeat
 from operator import add, itemgetter
-from typing import Any, Callable
+from typing import Any
 
 from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Network, Rule
-from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record
+from floodd.detect.parse import F_EXTRA, F_MALFORMED, Record
 from floodd.detect.ratetable import RateTable
 
 # Not a real qtype (those are 0..65535): marks malformed packets in the qtype tables.
 MALFORMED_QTYPE = 0x1_0000
 _QT_BYTES = 3  # bytes used for the qtype suffix of a source+qtype key
+# Every qtype's all-source total: at most 65,537 keys, so such a table is never pruned.
+QTYPE_CAPACITY = 70_000
+
+SOURCE, PREFIX, SOURCE_QTYPE, QTYPE = "source", "prefix", "source+qtype", "qtype"
 
 _src = itemgetter(1)
 _qtype = itemgetter(3)
-_flags = itemgetter(5)
+_flags = itemgetter(4)
 
 
 def prefix_key(src: bytes, v4: int, v6: int) -> bytes:
@@ -89,149 +99,148 @@ def rule_qtype(rule: Rule) -> int | None:
     return rule.qtype
 
 
-def packet_sources(records: list[Record]) -> list[bytes]:
+def packet_sources(records: Sequence[Record]) -> list[bytes]:
     """The source of every packet among ``records``.
 
     Records flagged F_EXTRA (further DNS messages in one TCP segment) are queries
     but not packets, so they are left out.
     """
     if any(map(_flags, records)):
-        return [r[1] for r in records if not r[5] & F_EXTRA]
+        return [r[1] for r in records if not r[4] & F_EXTRA]
     return list(map(_src, records))  # the usual case, at C speed
 
 
 @dataclass(frozen=True)
-class TrafficTotals:
-    """Capture-wide counts since start (for reports and status)."""
+class TableSpec:
+    """What one rate table counts: its definition, compared across reloads."""
 
-    packets: int
-    malformed: int
-    first_ts: float | None
-    last_ts: float | None
+    kind: str  # SOURCE, PREFIX, SOURCE_QTYPE or QTYPE
+    window: float
+    bucket: float
+    capacity: int
+    prefix_v4: int = 0  # PREFIX only
+    prefix_v6: int = 0
+
+
+def table_spec(rule: Rule, config: Config) -> TableSpec:
+    """The table a rule compares its threshold against."""
+    rt = config.rate_table
+    if rule.aggregate == "prefix":
+        return TableSpec(PREFIX, rule.window, rt.bucket, rt.capacity,
+                         rule.prefix_v4, rule.prefix_v6)
+    kind = SOURCE if rule_qtype(rule) is None else SOURCE_QTYPE
+    return TableSpec(kind, rule.window, rt.bucket, rt.capacity)
+
+
+def status_spec(config: Config) -> TableSpec:
+    """The per-source table status and ``top`` read: the longest per-source rule
+    window, or ``rate_table.window`` when no rule counts per source."""
+    rt = config.rate_table
+    windows = [rule.window for rule in config.rules
+               if table_spec(rule, config).kind == SOURCE]
+    return TableSpec(SOURCE, max(windows, default=rt.window), rt.bucket, rt.capacity)
 
 
 class Traffic:
-    """All sliding-window tables floodd's rules need, fed batch by batch."""
+    """All sliding-window tables floodd's rules need, fed batch by batch.
+
+    Every method takes the clock as ``now`` (see :mod:`floodd.detect.ratetable`):
+    the daemon's monotonic clock, or a capture's own timestamps offline.
+    """
 
     def __init__(self, config: Config, track_peak: bool = False) -> None:
-        rt = config.rate_table
-        self.bucket = rt.bucket
-        # Each table looks back only as far as the longest rule reading it: memory
-        # grows with window / bucket when many real sources send in every bucket.
-        windows: dict[str, float] = {}
-        for rule in config.rules:
-            for name in self._tables_of(rule):
-                windows[name] = max(windows.get(name, rt.bucket), rule.window)
+        self.packets = 0  # every packet counted since start (banned sources included)
+        self._track_peak = track_peak
+        self.tables: dict[TableSpec, RateTable[Any]] = {}  # read only: see reconfigure
+        self.reconfigure(config)
 
-        def make(name: str, capacity: int = rt.capacity, peak: bool = False) -> RateTable[Any]:
-            return RateTable(windows.get(name, rt.window), rt.bucket, capacity,
-                             track_peak=peak)
-
-        self.sources: RateTable[bytes] = make("sources", peak=track_peak)
-        self.prefixes: dict[tuple[int, int], RateTable[bytes]] = {}
-        self.watched_qtypes: set[int] = set()
+    def reconfigure(self, config: Config) -> None:
+        """Follow a new configuration: a table whose :class:`TableSpec` is unchanged
+        keeps its counts; new ones start empty; those no rule reads any more go."""
+        self._config = config
+        specs = {status_spec(config): None}
+        watched: dict[TableSpec, set[int]] = {}
         for rule in config.rules:
-            if rule.aggregate == "prefix":
-                pair = (rule.prefix_v4, rule.prefix_v6)
-                self.prefixes.setdefault(pair, make(f"prefix {pair}"))
+            spec = table_spec(rule, config)
+            specs[spec] = None
             qt = rule_qtype(rule)
             if qt is not None:
-                self.watched_qtypes.add(qt)
-        self.by_qtype: RateTable[bytes] = make("by_qtype")
-        # Every qtype's all-source total: at most 65,537 keys, so never pruned.
-        self.qtype_totals: RateTable[int] = make("qtype_totals", capacity=70_000)
-        self.packets = 0
-        self.malformed = 0
-        self.qtype_counts: Counter[int] = Counter()
-        self.first_ts: float | None = None
-        self.last_ts: float | None = None
-        # Called with the last timestamp of a bucket just before the first packet of
-        # a later bucket is counted: an offline reader evaluates its rules there.
-        self.on_bucket_end: Callable[[float], None] | None = None
+                watched.setdefault(spec, set()).add(qt)
+                if rule.total_threshold is not None:
+                    specs[self._total_spec(rule)] = None
+        old = self.tables
+        self.tables = {spec: self._make(spec, config) if old.get(spec) is None else old[spec]
+                        for spec in specs}
+        self.sources: RateTable[bytes] = self.tables[status_spec(config)]
+        tables = self.tables.items()
+        self._source_tables = [t for s, t in tables if s.kind == SOURCE]
+        prefixes: dict[tuple[int, int], list[RateTable[bytes]]] = {}
+        for s, t in tables:
+            if s.kind == PREFIX:
+                prefixes.setdefault((s.prefix_v4, s.prefix_v6), []).append(t)
+        self._prefix_tables = list(prefixes.items())
+        self._qtype_tables = [t for s, t in tables if s.kind == QTYPE]
+        # Source+qtype tables grouped by the qtypes their rules watch.
+        groups: dict[frozenset[int], list[RateTable[bytes]]] = {}
+        for spec, qtypes in watched.items():
+            groups.setdefault(frozenset(qtypes), []).append(self.tables[spec])
+        self._pair_tables = list(groups.items())
+        self.watched_qtypes: frozenset[int] = frozenset().union(*groups)
 
-    def add_batch(self, batch: Batch, skip: AbstractSet[bytes] = frozenset()) -> None:
-        """Count a batch; sources in ``skip`` (already banned) are counted only in totals."""
-        records = batch.records
+    def _make(self, spec: TableSpec, config: Config) -> RateTable[Any]:
+        peak = self._track_peak and spec == status_spec(config)
+        return RateTable(spec.window, spec.bucket, spec.capacity, track_peak=peak)
+
+    def _total_spec(self, rule: Rule) -> TableSpec:
+        return TableSpec(QTYPE, rule.window, self._config.rate_table.bucket, QTYPE_CAPACITY)
+
+    def add_batch(self, now: float, records: Sequence[Record],
+                  skip: AbstractSet[bytes] = frozenset()) -> None:
+        """Count every record at ``now``; sources in ``skip`` (already banned) count
+        only in ``packets`` and the all-source qtype totals."""
         if not records:
             return
-        bucket = self.bucket
-        if self.first_ts is None:
-            self.first_ts = records[0][0]
-        elif self.on_bucket_end is not None and self.last_ts is not None and \
-                records[0][0] // bucket != self.last_ts // bucket:
-            self.on_bucket_end(self.last_ts)
-        if records[0][0] // bucket == records[-1][0] // bucket:
-            self._add_bucket(records[-1][0], records, skip)
-        else:
-            # A batch spanning buckets (slow traffic, offline files): split it.
-            start = 0
-            current = records[0][0] // bucket
-            for i, rec in enumerate(records):
-                b = rec[0] // bucket
-                if b != current:
-                    self._add_bucket(records[i - 1][0], records[start:i], skip)
-                    if self.on_bucket_end is not None:
-                        self.on_bucket_end(records[i - 1][0])
-                    start, current = i, b
-            self._add_bucket(records[-1][0], records[start:], skip)
-        self.last_ts = records[-1][0]
-
-    def _add_bucket(self, now: float, records: list[Record],
-                    skip: AbstractSet[bytes]) -> None:
         # Every per-packet step below runs in C (map, Counter, set and dict
         # methods); Python-level loops only touch flagged records and watched qtypes.
         qtypes = Counter(map(_qtype, records))
-        malformed = [r[1] for r in records if r[5] & F_MALFORMED] \
+        malformed = [r[1] for r in records if r[4] & F_MALFORMED] \
             if any(map(_flags, records)) else []
         sources = packet_sources(records)
         self.packets += len(sources)
         if malformed:
-            self.malformed += len(malformed)
             qtypes[MALFORMED_QTYPE] = len(malformed)
-        self.qtype_counts.update(qtypes)
-        self.qtype_totals.add_counts(now, qtypes)
+        for table in self._qtype_tables:
+            table.add_counts(now, qtypes)
         if skip:
             sources = list(filterfalse(skip.__contains__, sources))
             if not sources:
                 return
-        self.sources.add_keys(now, sources)
-        for (v4, v6), table in self.prefixes.items():
-            table.add_keys(now, prefix_keys(sources, v4, v6))
-        watched = self.watched_qtypes
-        if watched and not watched.isdisjoint(qtypes):
+        for table in self._source_tables:
+            table.add_keys(now, sources)
+        for (v4, v6), tables in self._prefix_tables:
+            keys = prefix_keys(sources, v4, v6)
+            for table in tables:
+                table.add_keys(now, keys)
+        if self.watched_qtypes.isdisjoint(qtypes):
+            return
+        for watched, tables in self._pair_tables:
+            if watched.isdisjoint(qtypes):
+                continue
             pairs = [qtype_key(r[1], r[3]) for r in records
                      if r[3] in watched and r[1] not in skip]
             if MALFORMED_QTYPE in watched:
                 pairs += [qtype_key(src, MALFORMED_QTYPE) for src in malformed
                           if src not in skip]
-            self.by_qtype.add_keys(now, pairs)
-
-    @staticmethod
-    def _tables_of(rule: Rule) -> list[str]:
-        """Names of the tables a rule reads (see table_for and rule_total)."""
-        if rule.aggregate == "prefix":
-            names = [f"prefix {(rule.prefix_v4, rule.prefix_v6)}"]
-        elif rule_qtype(rule) is not None:
-            names = ["by_qtype"]
-        else:
-            names = ["sources"]
-        if rule.total_threshold is not None:
-            names.append("sources" if rule_qtype(rule) is None else "qtype_totals")
-        return names
-
-    def totals(self) -> TrafficTotals:
-        return TrafficTotals(self.packets, self.malformed, self.first_ts, self.last_ts)
+            for table in tables:
+                table.add_keys(now, pairs)
 
     def table_for(self, rule: Rule) -> RateTable[bytes]:
-        if rule.aggregate == "prefix":
-            return self.prefixes[(rule.prefix_v4, rule.prefix_v6)]
-        if rule_qtype(rule) is not None:
-            return self.by_qtype
-        return self.sources
+        """The table whose counts ``rule`` compares against its threshold."""
+        return self.tables[table_spec(rule, self._config)]
 
     def rule_total(self, now: float, rule: Rule) -> int:
         """All sources' matching packets in the rule's window (for rotating-source guards)."""
         qt = rule_qtype(rule)
         if qt is None:
-            return self.sources.total(now, rule.window)
-        return self.qtype_totals.count(now, qt, rule.window)
+            return self.table_for(rule).total(now)
+        return self.tables[self._total_spec(rule)].count(now, qt)

@@ -1,4 +1,4 @@
-"""When a ban ends: ban time over and its drop counter idle for ``stale_after``.
+"""The mirror of the kernel's bans, and when a ban ends: ban time over and idle.
 
 The rule: a ban is removed when its ban time has passed AND its counter has not grown for
 ``firewall.stale_after``; a ban whose counter still grows is kept, and with
@@ -8,8 +8,8 @@ The rule: a ban is removed when its ban time has passed AND its counter has not 
 How this meets kernel timeouts: a backend gives each ban a kernel timeout equal to its expiry
 (nftables), so the kernel alone ends every ban, also when floodd is gone.  To keep an active
 ban the tracker therefore extends it *before* the kernel would end it: at each rescan, a ban
-whose counter grew within ``stale_after`` and that expires before the rescan after next
-(``now + 2 * rescan_interval``) is re-added with a later expiry:
+whose counter grew within ``stale_after`` and that ends before the rescan after next
+(``now + 2 * rescan_interval``) is re-added with a later end:
 
 - ``extend_active: true``: ``now + max(term, 2 * rescan_interval)``, where ``term`` is the
   ban's length as first seen (``expires - since``, at most ``max_ban_time``);
@@ -19,8 +19,14 @@ whose counter grew within ``stale_after`` and that expires before the rescan aft
 
 A ban that is not extended ends at its expiry in the kernel (reported as ``expired``); a
 backend without kernel timeouts (iptables) is told to ``unban`` once its expiry has passed
-and its counter has been idle for ``stale_after``.  A ban the tracker knows that is missing
-from the firewall before its expiry was removed by someone else: ``vanished``, to repair.
+and its counter has been idle for ``stale_after``.  A ban missing from a listing before its
+expiry was removed by someone else: ``vanished``, to repair.
+
+Time: every deadline and idle time is on the monotonic clock (``Instant.mono``), so a
+wall-clock step neither ends nor prolongs a ban.  A ban's deadline is taken once, when it
+is first seen or installed: from the time the kernel says is left (nftables' element
+timeout runs on the kernel's own clock, and is read again at every listing), else from the
+unix expiry recorded in the kernel, converted at that moment.
 
 Adoption: bans first seen in a listing (after a restart, or banned by another process) are
 taken as they are, nothing is unbanned or re-added; their idle time counts from the moment
@@ -31,30 +37,38 @@ Pure logic: the clock is the ``now`` argument, the firewall is the listing passe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, Iterator, Sequence
 
 from floodd.config import FirewallConfig
+from floodd.enforce.clock import Instant
 from floodd.enforce.firewall.base import Ban, InstalledBan, Network
 
-# A ban gone from the firewall up to this long before its recorded expiry ended normally:
-# the recorded times are whole seconds, the kernel timeout starts a moment after `since`.
+# A ban gone from the firewall up to this long before its deadline ended normally: the
+# kernel keeps whole seconds, its timeout starts a moment after floodd's deadline.
 EXPIRY_SLACK = 2.0
 
 
 @dataclass(frozen=True)
 class Decisions:
-    """What one rescan found: apply ``unban`` and ``extend`` (re-add) in one commit."""
+    """What one listing showed and what the rule wants done about it.
+
+    ``unban`` and ``extend`` are proposals: the mirror changes only when floodd reports
+    them applied (:meth:`BanTracker.banned`, :meth:`BanTracker.forget`).  ``vanished``,
+    ``expired`` and ``adopted`` are facts already in the mirror.
+    """
 
     unban: tuple[InstalledBan, ...]  # ban time over and idle for stale_after
     extend: tuple[Ban, ...]  # active bans with their new expiry
-    vanished: tuple[Ban, ...]  # gone from the firewall before their expiry: repair
-    expired: tuple[Ban, ...]  # ended by the kernel's timeout at their expiry
+    vanished: tuple[Ban, ...]  # gone from the firewall before their end: to repair
+    expired: tuple[Ban, ...]  # ended by the kernel's timeout
+    adopted: tuple[InstalledBan, ...]  # first seen in this listing
 
 
 @dataclass
 class _Watch:
-    ban: Ban
+    ban: Ban  # as the kernel records it (unix times)
+    deadline: float  # monotonic time the ban ends
     term: float  # seconds a full ban lasts (for extensions)
     packets: int
     grew_at: float | None  # last rescan that saw the counter grow; None: not seen yet
@@ -62,7 +76,8 @@ class _Watch:
 
 
 class BanTracker:
-    """Counter history of every ban floodd knows, fed with listings of the firewall."""
+    """Every ban the kernel holds, as last listed or as floodd last changed it, with its
+    deadline and counter history."""
 
     def __init__(self, firewall: FirewallConfig) -> None:
         self._watch: dict[Network, _Watch] = {}
@@ -77,69 +92,85 @@ class BanTracker:
     def __len__(self) -> int:
         return len(self._watch)
 
+    def __contains__(self, network: object) -> bool:
+        return network in self._watch
+
+    def __iter__(self) -> Iterator[Network]:
+        return iter(list(self._watch))
+
+    def ban(self, network: Network) -> Ban:
+        """The ban of ``network`` as the kernel records it."""
+        return self._watch[network].ban
+
+    def deadline(self, network: Network) -> float:
+        """When the ban of ``network`` ends (monotonic)."""
+        return self._watch[network].deadline
+
     def _term(self, ban: Ban) -> float:
         return min(max(ban.expires - ban.since, 0.0), self.max_ban_time)
 
-    def adopt(self, now: float, installed: Iterable[InstalledBan]) -> None:
-        """Start from what the firewall holds (startup); changes nothing."""
-        for ib in installed:
-            if ib.network not in self._watch:
-                ban = Ban(ib.network, ib.rule, ib.since, ib.expires)
-                self._watch[ib.network] = _Watch(ban, self._term(ban), ib.packets, None, now)
-
-    def banned(self, now: float, bans: Iterable[Ban]) -> None:
-        """floodd installed (or replaced) these bans; a new element's counter starts at 0."""
+    def banned(self, now: Instant, bans: Iterable[Ban]) -> None:
+        """floodd installed (or replaced) these bans, made at ``now``; a new element's
+        counter starts at 0, an extension (same start) keeps the ban's term."""
         for ban in bans:
+            deadline = now.to_mono(ban.expires)
             w = self._watch.get(ban.network)
             if w is None:
-                self._watch[ban.network] = _Watch(ban, self._term(ban), 0, None, now)
-            else:
-                w.ban = ban
+                self._watch[ban.network] = _Watch(ban, deadline, self._term(ban), 0, None,
+                                                  now.mono)
+                continue
+            if ban.since != w.ban.since:
                 w.term = self._term(ban)
+            w.ban, w.deadline = ban, deadline
 
     def forget(self, networks: Iterable[Network]) -> None:
-        """floodd removed these bans itself (operator unban, flush)."""
+        """These bans are no longer in the kernel (removed by floodd)."""
         for net in networks:
             self._watch.pop(net, None)
 
-    def observe(self, now: float, installed: Sequence[InstalledBan]) -> Decisions:
-        """Compare a fresh listing with the history; the caller applies the decisions.
-
-        The tracker assumes they are applied: unbanned and expired bans are forgotten,
-        extended ones remembered with their new expiry.  Vanished ones stay known until
-        they are re-added (:meth:`banned`) or forgotten, or their expiry passes.
-        """
+    def observe(self, now: Instant, installed: Sequence[InstalledBan]) -> Decisions:
+        """Make the mirror the listing ``installed`` and say what the rule wants done."""
         unban: list[InstalledBan] = []
         extend: list[Ban] = []
+        adopted: list[InstalledBan] = []
         present: set[Network] = set()
+        t = now.mono
         for ib in installed:
             present.add(ib.network)
             w = self._watch.get(ib.network)
             ban = Ban(ib.network, ib.rule, ib.since, ib.expires)
             if w is None:
-                self._watch[ib.network] = _Watch(ban, self._term(ban), ib.packets, None, now)
+                deadline = t + ib.remaining if ib.remaining is not None else \
+                    now.to_mono(ib.expires)
+                self._watch[ib.network] = _Watch(ban, deadline, self._term(ban), ib.packets,
+                                                 None, t)
+                adopted.append(ib)
                 continue
             if ib.packets > w.packets:
-                w.grew_at = now
+                w.grew_at = t
             w.packets = ib.packets  # a smaller value: the element was re-added, new baseline
+            if ib.remaining is not None:
+                w.deadline = t + ib.remaining
+            elif abs(ib.expires - w.ban.expires) >= 1:  # replaced from outside
+                w.deadline = now.to_mono(ib.expires)
+                w.term = self._term(ban)
             w.ban = ban
-            active = w.grew_at is not None and now - w.grew_at < self.stale_after
+            active = w.grew_at is not None and t - w.grew_at < self.stale_after
             idle_from = w.grew_at if w.grew_at is not None else w.watched_from
-            if active and ib.expires <= now + self.horizon:
+            if active and w.deadline <= t + self.horizon:
                 length = max(w.term, self.horizon) if self.extend_active else self.horizon
-                w.ban = Ban(ib.network, ib.rule, ib.since, max(ib.expires, now + length))
-                extend.append(w.ban)
-            elif ib.expires <= now and now - idle_from >= self.stale_after:
+                extend.append(replace(ban, expires=now.to_wall(max(w.deadline, t + length))))
+            elif w.deadline <= t and t - idle_from >= self.stale_after:
                 unban.append(ib)
-                del self._watch[ib.network]
         vanished: list[Ban] = []
         expired: list[Ban] = []
         for net, w in list(self._watch.items()):
             if net in present:
                 continue
-            if w.ban.expires > now + EXPIRY_SLACK:
-                vanished.append(w.ban)
+            del self._watch[net]
+            if w.deadline > t + EXPIRY_SLACK:
+                vanished.append(replace(w.ban, expires=now.to_wall(w.deadline)))
             else:
                 expired.append(w.ban)
-                del self._watch[net]
-        return Decisions(tuple(unban), tuple(extend), tuple(vanished), tuple(expired))
+        return Decisions(tuple(unban), tuple(extend), tuple(vanished), tuple(expired),
+                         tuple(adopted))

@@ -3,7 +3,9 @@
 The bans themselves live in the kernel (see floodd.enforce.firewall); this file only
 remembers how often each network was banned.  It is rewritten atomically
 (temporary file, fsync, rename), so a crash leaves the old or the new version,
-never half of one.  Format: ``{"version": 1, "offences": {"NET": [count, last]}}``.
+never half of one.  Format: ``{"version": 1, "offences": {"NET": [count, last]}}``,
+``last`` in unix seconds, newest first; in memory ``last`` is on the monotonic clock,
+converted when the file is read and written.
 """
 
 from __future__ import annotations
@@ -15,32 +17,36 @@ import tempfile
 from typing import Mapping
 
 from floodd.config import Network
-from floodd.decide.policy import Offence
+from floodd.decide.policy import Offence, Offences, remembered
+from floodd.enforce.clock import Instant
 
 FILE_NAME = "offences.json"
-MAX_ENTRIES = 100_000
 
 
-def load_offences(state_dir: str) -> dict[Network, Offence]:
-    """Read the offences file; a missing or damaged file means no history."""
+def load_offences(state_dir: str, now: Instant, forget_after: float) -> Offences:
+    """The offences file's entries still remembered at ``now``; a missing or damaged file
+    means no history."""
     path = os.path.join(state_dir, FILE_NAME)
     try:
         with open(path) as f:
             data = json.load(f)
-        out: dict[Network, Offence] = {}
-        for net, (count, last) in data["offences"].items():
-            out[ipaddress.ip_network(net)] = Offence(int(count), float(last))
-        return out
+        items = [(ipaddress.ip_network(net), Offence(int(count), now.to_mono(float(last))))
+                 for net, (count, last) in data["offences"].items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        items = []
+    offences = Offences(forget_after, items)
+    offences.forget_old(now.mono)
+    return offences
 
 
-def save_offences(state_dir: str, offences: Mapping[Network, Offence], now: float,
+def save_offences(state_dir: str, offences: Mapping[Network, Offence], now: Instant,
                   forget_after: float) -> None:
-    """Write the offences still remembered at ``now`` (the newest MAX_ENTRIES)."""
-    keep = sorted(((n, o) for n, o in offences.items() if now - o.last <= forget_after),
-                  key=lambda item: -item[1].last)[:MAX_ENTRIES]
-    data = {"version": 1, "offences": {str(n): [o.count, o.last] for n, o in keep}}
+    """Write the offences still remembered at ``now``."""
+    keep = sorted(((n, o) for n, o in offences.items()
+                   if remembered(o, now.mono, forget_after) is not None),
+                  key=lambda item: -item[1].last)
+    data = {"version": 1,
+            "offences": {str(n): [o.count, now.to_wall(o.last)] for n, o in keep}}
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".offences.", dir=state_dir)
     try:

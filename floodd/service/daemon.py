@@ -5,7 +5,9 @@ re-banned), capture started, control socket opened, then ``READY=1``.  The main
 loop wakes every ``tick`` (or at once for a signal or a control request):
 evaluates the rules, bans in one batch, every ``rescan_interval`` reads the ban
 counters back, expires stale bans and repairs a vanished table; it pings the
-watchdog only while every capture thread is alive and making progress.
+watchdog only while every capture thread is alive and making progress.  Every
+change of the bans goes through one owner (floodd.enforce.banset), whose firewall
+commands are bounded in time.
 Signal handlers only set flags: SIGHUP reloads, SIGTERM/SIGINT stop.
 """
 
@@ -17,34 +19,48 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable
+from typing import AbstractSet, Any, Callable
 
 from floodd import __version__
 from floodd.detect.capture import CaptureStats, LiveCapture, PacketSource
+from floodd.detect.parse import Batch
 from floodd.config import Config, load_config
-from floodd.service.control import ControlServer
-from floodd.errors import FlooddError
-from floodd.enforce.expiry import BanTracker
+from floodd.service.control import ControlServer, refusal
+from floodd.errors import Failure, FlooddError
+from floodd.enforce.banset import BanFailure, BanSet, FirewallWaiting, NewBan
+from floodd.enforce.clock import Instant
+from floodd.enforce.clock import now as clock_now
 from floodd.enforce.firewall import make_backend
-from floodd.enforce.firewall.base import Backend, Ban, Network
+from floodd.enforce.firewall.base import Backend, Network
 from floodd.service.journal import EventLog
 from floodd.service.notify import Notifier
-from floodd.decide.policy import Offence, Trigger, evaluate, plan, remembered
+from floodd.service.throttle import Throttle
+from floodd.decide.policy import Offences, Trigger, evaluate, plan
 from floodd.decide.safety import own_networks, protected_reason
 from floodd.enforce.state import load_offences, save_offences
+from floodd.service.requests import (BanRequest, ListBans, Request, Status, Top, UnbanRequest,
+                                     parse_request)
 from floodd.detect.traffic import Traffic, address_network
 
+# Networks remembered for logging a warning or a refusal once per interval.
+LOG_KEYS = 10_000
 # A capture thread that has not come round its read loop for this long is wedged.
 CAPTURE_STALL = 5.0
 READ_TIMEOUT = 0.25
+# A change request not taken up by the main loop within this long is dropped, not run;
+# shorter than the command line's wait, so the client hears why.
+REQUEST_TIMEOUT = 8.0
+# Once taken up, a change ends within a few firewall command timeouts.
+CHANGE_TIMEOUT = 30.0
 
 
 class CaptureWorker(threading.Thread):
-    """Reads one packet source and counts every batch into the shared tables."""
+    """Reads one packet source and counts every batch into the shared tables,
+    stamped with ``time.monotonic()`` when it was read."""
 
-    def __init__(self, source: PacketSource, name: str, count: Callable[[Any], None]) -> None:
+    def __init__(self, source: PacketSource, name: str,
+                 count: Callable[[float, Batch], None]) -> None:
         super().__init__(name=f"floodd-capture-{name}", daemon=True)
         self.source = source
         self.interface = name
@@ -63,7 +79,7 @@ class CaptureWorker(threading.Thread):
                 if batch is None:
                     break
                 if batch.records:
-                    self.count(batch)
+                    self.count(time.monotonic(), batch)
                 self.heartbeat = time.monotonic()
         except FlooddError as exc:
             self.error = str(exc)
@@ -91,10 +107,32 @@ class CaptureWorker(threading.Thread):
         return self.is_alive() and self.error is None and now - self.heartbeat < CAPTURE_STALL
 
 
-@dataclass
-class _Request:
-    body: dict[str, Any]
-    reply: queue.Queue[dict[str, Any]]
+class _Pending:
+    """A change request handed from the control thread to the main loop.
+
+    Exactly one of two things happens, decided under ``_lock``: the main loop
+    claims it and runs it (the control thread then waits for the reply), or the
+    control thread gives up at its deadline and the request is never run.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.reply: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
+        self._lock = threading.Lock()
+        self._state = "waiting"  # -> "claimed" (main loop) or "abandoned" (control thread)
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "claimed"
+            return self._state == "claimed"
+
+    def abandon(self) -> bool:
+        """Give up unless the main loop already runs it; True if given up."""
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "abandoned"
+            return self._state == "abandoned"
 
 
 class Daemon:
@@ -113,21 +151,22 @@ class Daemon:
         self.lock = threading.Lock()
         self.traffic = Traffic(config)
         self.workers: list[CaptureWorker] = []
-        self.backend: Backend | None = None
         self.backend_note = ""
-        self.bans: dict[Network, Ban] = {}
-        self.banned_sources: set[bytes] = set()
-        self.offences: dict[Network, Offence] = {}
-        self.tracker: BanTracker | None = None
+        # The one owner of the bans (the kernel's, mirrored); every ban and unban goes
+        # through it.  Its deadlines, like the offences, are on the monotonic clock.
+        self.clock: Callable[[], Instant] = clock_now
+        self.bans = BanSet(config.firewall)
+        self.offences = Offences(config.firewall.max_ban_time)
         self.own: list[Network] = []
         self.control: ControlServer | None = None
-        self.requests: queue.Queue[_Request] = queue.Queue()
-        self.started = time.time()
+        self.requests: queue.Queue[_Pending] = queue.Queue()
+        self.started = time.monotonic()
         self._stop = False
         self._reload = False
         self._wake = threading.Event()
-        self._warned: dict[tuple[str, Network], float] = {}
-        self._refused: dict[tuple[Network, str], float] = {}
+        # Networks warned about or refused lately: each is logged once per interval.
+        self._warned: Throttle[tuple[str, Network]] = Throttle(LOG_KEYS)
+        self._refused: Throttle[tuple[Network, str]] = Throttle(LOG_KEYS)
         self._last_packets = 0
         self._last_rate_at = time.monotonic()
         self.pps = 0.0
@@ -225,17 +264,10 @@ class Daemon:
         self.control = ControlServer(cfg.daemon.control_socket, self._handle_request)
         self.control.start()
         self.own = own_networks()
-        self.offences = load_offences(cfg.daemon.state_dir)
-        self.backend, self.backend_note = self._make_backend(cfg)
-        self.backend.setup()
-        self.backend.commit()
-        installed = self.backend.list()
-        now = time.time()
-        for ib in installed:
-            self.bans[ib.network] = Ban(ib.network, ib.rule, ib.since, ib.expires)
-        self._refresh_banned_sources()
-        self.tracker = BanTracker(cfg.firewall)
-        self.tracker.adopt(now, installed)
+        at = self.clock()
+        self.offences = load_offences(cfg.daemon.state_dir, at, cfg.firewall.max_ban_time)
+        backend, self.backend_note = self._make_backend(cfg)
+        self.bans.start(at, backend)  # adopts the bans in the kernel, changes none
         self._start_captures(self._open_captures(cfg))
 
     def _make_backend(self, cfg: Config) -> tuple[Backend, str]:
@@ -275,24 +307,29 @@ class Daemon:
         self._stop_captures()
         if self.control is not None:
             self.control.close()
-        if self.backend is not None:
-            if flush:
-                self.backend.teardown()
-                self.log.info(f"stopped; {len(self.bans)} bans flushed (on_exit: flush)",
-                              action="stop")
-            else:
+        if self.bans.started:
+            if not flush:
                 self.log.info(f"stopped; {len(self.bans)} bans kept in the firewall",
                               action="stop")
-            self._save_state(time.time())
+            else:
+                try:
+                    flushed = self.bans.flush()
+                    self.log.info(f"stopped; {flushed} bans flushed (on_exit: flush)",
+                                  action="stop")
+                except FlooddError as exc:
+                    self.log.error(f"stopped; could not flush the bans: {exc}", action="stop")
+            self._save_state(self.clock())
 
     # --- counting (capture threads) ---------------------------------------------
-    def _count(self, batch: Any) -> None:
+    def _count(self, now: float, batch: Batch) -> None:
+        """Count a batch read at ``now`` (monotonic): the tables' clock."""
         with self.lock:
-            self.traffic.add_batch(batch, skip=self.banned_sources)
+            self.traffic.add_batch(now, batch.records, skip=self.banned_sources)
 
-    def _refresh_banned_sources(self) -> None:
-        self.banned_sources = {n.network_address.packed for n in self.bans
-                               if n.prefixlen == n.max_prefixlen}
+    @property
+    def banned_sources(self) -> AbstractSet[bytes]:
+        """The banned single addresses (packed): counted in the totals only."""
+        return self.bans.addresses
 
     # --- the policy -------------------------------------------------------------
     def _protected(self, network: Network) -> str | None:
@@ -301,63 +338,57 @@ class Daemon:
     def _policy_tick(self, now: float) -> None:
         cfg = self.config
         with self.lock:
-            triggers = evaluate(now, self.traffic, cfg.rules)
+            triggers = evaluate(time.monotonic(), self.traffic, cfg.rules)
         if not triggers:
             return
         fw = cfg.firewall
-        decided = plan(now, triggers, list(self.bans), self._protected, fw.max_bans,
+        at = self.clock()
+        decided = plan(at.mono, triggers, self.bans.networks(), self._protected, fw.max_bans,
                        self.offences, fw.escalation_factor, fw.max_ban_time)
         for trig in decided.warnings:
-            self._warn(now, trig)
-        self._log_refusals(now, decided.refused)
-        if not decided.bans:
-            return
-        new = [Ban(trig.network, trig.rule, now, now + seconds)
-               for trig, seconds in decided.bans]
-        assert self.backend is not None
-        self.backend.ban(new)
+            self._warn(at.mono, trig)
+        self._log_refusals(at.mono, decided.refused)
+        if not decided.bans or not self.bans.usable(at):
+            return  # a firewall that did not answer was logged; it is read again soon
         try:
-            self.backend.commit()
-        except FlooddError as exc:
-            self.log.error(f"could not ban {len(new)} sources: {exc}", action="error")
+            done = self.bans.ban(at, [NewBan(trig.network, trig.rule, seconds)
+                                      for trig, seconds in decided.bans])
+        except BanFailure as exc:
+            self.log.error(f"could not ban {len(decided.bans)} sources: {exc}", action="error")
             return
+        added = {ban.network for ban in done.added}
         with self.lock:
-            for ban, (trig, seconds) in zip(new, decided.bans):
-                self.bans[ban.network] = ban
-                net = ban.network
+            for net in added:
                 if net.prefixlen == net.max_prefixlen:
-                    src = net.network_address.packed
-                    self.banned_sources.add(src)
-                    self.traffic.sources.forget(src)
-        for ban, (trig, seconds) in zip(new, decided.bans):
-            old = remembered(self.offences.get(ban.network), now, fw.max_ban_time)
-            self.offences[ban.network] = Offence((old.count if old else 0) + 1, now)
-            repeat = f", offence #{old.count + 1}" if old else ""
+                    self.traffic.sources.forget(net.network_address.packed)
+        for trig, seconds in decided.bans:
+            if trig.network not in added:
+                continue
+            offence = self.offences.record(trig.network, at.mono)
+            repeat = f", offence #{offence.count}" if offence.count > 1 else ""
             self.log.notice(
-                f"ban {ban.network} for {seconds:g} s: rule {trig.rule}, {trig.count} "
+                f"ban {trig.network} for {seconds:g} s: rule {trig.rule}, {trig.count} "
                 f"packets in {trig.window:g} s ({trig.rate:.1f}/s){repeat}",
-                action="ban", source=ban.network, rule=trig.rule, rate=round(trig.rate, 1),
+                action="ban", source=trig.network, rule=trig.rule, rate=round(trig.rate, 1),
                 packets=trig.count, ban_time=seconds)
-        if self.tracker is not None:
-            self.tracker.banned(now, new)
-        self._save_state(now)
+        self._save_state(at)
 
-    def _warn(self, now: float, trig: Trigger) -> None:
-        key = (trig.rule, trig.network)
-        if now - self._warned.get(key, -1e18) < trig.window:
+    def _warn(self, mono: float, trig: Trigger) -> None:
+        """Log a warn rule's trigger, once per rule window for each network."""
+        if not self._warned.allow(mono, (trig.rule, trig.network), trig.window):
             return
-        self._warned[key] = now
         self.log.warning(f"warn {trig.network}: rule {trig.rule}, {trig.count} packets in "
                          f"{trig.window:g} s ({trig.rate:.1f}/s)", action="warn",
                          source=trig.network, rule=trig.rule, rate=round(trig.rate, 1),
                          packets=trig.count)
 
-    def _log_refusals(self, now: float, refused: list[Any]) -> None:
+    def _log_refusals(self, mono: float, refused: list[Any]) -> None:
+        """Log the refused bans, once a minute for each network and reason (the
+        max_bans refusals together in one line)."""
         capped = [r for r in refused if r.reason.startswith("max_bans")]
         if capped:
             key = (ipaddress.ip_network("0.0.0.0/0"), "max_bans")
-            if now - self._refused.get(key, -1e18) >= 60:
-                self._refused[key] = now
+            if self._refused.allow(mono, key, 60):
                 self.log.warning(
                     f"max_bans ({self.config.firewall.max_bans}) reached: {len(capped)} more "
                     f"sources over a threshold are not banned (highest {capped[0].trigger.network}"
@@ -366,63 +397,44 @@ class Daemon:
         for r in refused:
             if r in capped:
                 continue
-            key = (r.trigger.network, r.reason)
-            if now - self._refused.get(key, -1e18) < 60:
+            if not self._refused.allow(mono, (r.trigger.network, r.reason), 60):
                 continue
-            self._refused[key] = now
             self.log.warning(f"not banning {r.trigger.network} ({r.reason}): rule "
                              f"{r.trigger.rule}, {r.trigger.rate:.1f}/s", action="refuse",
                              source=r.trigger.network, rule=r.trigger.rule,
                              rate=round(r.trigger.rate, 1))
-        if len(self._refused) > 10_000:
-            self._refused = {k: t for k, t in self._refused.items() if now - t < 60}
 
     # --- rescan: counters, expiry, repair ---------------------------------------
     def _rescan(self, now: float) -> None:
-        assert self.backend is not None and self.tracker is not None
+        """Through the ban owner: read the counters back, repair, extend, expire."""
+        at = self.clock()
         try:
             self.own = own_networks()  # addresses come and go (DHCP, failover)
         except FlooddError as exc:
             self.log.warning(f"cannot read this host's addresses, keeping the last ones: {exc}")
-        if not self.backend.present():
-            self._repair(now, "floodd's firewall table is gone", list(self.bans.values()))
-        installed = self.backend.list()
-        decision = self.tracker.observe(now, installed)
-        if decision.vanished:
-            self._repair(now, f"{len(decision.vanished)} bans vanished from the firewall",
-                         list(decision.vanished))
-        if decision.extend:
-            self.backend.ban(decision.extend)
-        if decision.unban:
-            self.backend.unban([ib.network for ib in decision.unban])
-        if decision.extend or decision.unban:
-            self.backend.commit()
-        with self.lock:
-            for ban in decision.extend:
-                self.bans[ban.network] = ban
-            for ended in [*(ib.network for ib in decision.unban),
-                          *(b.network for b in decision.expired)]:
-                self.bans.pop(ended, None)
-            self._refresh_banned_sources()
+        self.offences.forget_old(at.mono)
+        done = self.bans.rescan(at)
+        if done is None:
+            return  # the firewall did not answer: left alone for a while
+        if done.set_up or done.restored:
+            why = ("floodd's firewall table is gone" if done.set_up else
+                   f"{len(done.restored)} bans vanished from the firewall")
+            self.log.warning(f"repair: {why}; re-created {len(done.restored)} bans",
+                             action="repair", packets=len(done.restored))
+        if done.adopted:
+            self.log.info(f"adopted {len(done.adopted)} bans found in the firewall: "
+                          f"{', '.join(str(ib.network) for ib in done.adopted[:5])}"
+                          f"{', ...' if len(done.adopted) > 5 else ''}", action="adopt",
+                          packets=len(done.adopted))
         stale = self.config.firewall.stale_after
-        for ib in decision.unban:
+        for ib in done.unbanned:
             self.log.info(f"unban {ib.network}: ban time over and no packets for "
                           f"{stale:g} s ({ib.packets} packets dropped in all)",
                           action="expire", source=ib.network, rule=ib.rule,
                           packets=ib.packets)
-        for ban in decision.expired:
+        for ban in done.expired:
             self.log.info(f"unban {ban.network}: ban time over (ended by the kernel)",
                           action="expire", source=ban.network, rule=ban.rule)
-
-    def _repair(self, now: float, why: str, bans: list[Ban]) -> None:
-        assert self.backend is not None and self.tracker is not None
-        restore = [b for b in bans if b.expires > now]
-        self.backend.setup()
-        self.backend.ban(restore)
-        self.backend.commit()
-        self.tracker.banned(now, restore)
-        self.log.warning(f"repair: {why}; re-created {len(restore)} bans",
-                         action="repair", packets=len(restore))
 
     # --- reload -----------------------------------------------------------------
     def _do_reload(self) -> None:
@@ -444,15 +456,18 @@ class Daemon:
                 new.daemon.control_socket != old.daemon.control_socket:
             self.log.warning("firewall.backend, firewall.scope and daemon.control_socket "
                              "changes take effect on restart", action="reload")
-        if new.rate_table != old.rate_table or new.rules != old.rules:
-            with self.lock:
-                self.traffic = Traffic(new)
-            self._last_packets = 0  # the rate is measured against the new count
+        with self.lock:  # the tables of unchanged rules keep their counts
+            self.traffic.reconfigure(new)
         if workers is not None:
             self._stop_captures()
             self._start_captures(workers)
-        if self.tracker is not None:
-            self.tracker.configure(new.firewall)
+        self.offences.forget_after = new.firewall.max_ban_time
+        if self.bans.started:
+            try:  # the drop rules follow capture.ports and capture.protocols
+                self.bans.configure(new.firewall, new.capture.ports, new.capture.protocols)
+            except FlooddError as exc:
+                self.log.error(f"reload: the drop rules do not follow the new configuration: "
+                               f"{exc}", action="reload")
         self.log.info(f"reloaded {new.source}: {len(new.rules)} rules", action="reload")
         self.notifier.ready(self._status_line())
 
@@ -496,101 +511,116 @@ class Daemon:
                       bans=len(self.bans), drops=stats.dropped)
 
     def _top(self, n: int) -> list[dict[str, Any]]:
-        now = time.time()
         with self.lock:
             window = self.traffic.sources.window
-            rows = self.traffic.sources.top(now, n)
+            rows = self.traffic.sources.top(time.monotonic(), n)
         return [{"source": str(address_network(src).network_address), "packets": c,
                  "rate": c / window,
                  "banned": src in self.banned_sources} for src, c in rows]
 
-    def _handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Runs in the control thread: read-only answers here, changes via the main loop."""
-        cmd = req["cmd"]
-        if cmd == "status":
+    def _handle_request(self, body: Any) -> dict[str, Any]:
+        """Runs in the control thread: validates, answers read-only requests here and
+        hands changes to the main loop, waiting at most ``REQUEST_TIMEOUT``."""
+        req = parse_request(body)
+        if isinstance(req, Status):
             stats = self.capture_stats()
             return {"ok": True, "version": __version__, "pid": os.getpid(),
-                    "uptime": time.time() - self.started, "backend": self.backend_note,
+                    "uptime": time.monotonic() - self.started, "backend": self.backend_note,
                     "dry_run": self.dry_run, "interfaces": list(self.interfaces),
                     "pps": self.pps, "packets": self.traffic.packets,
                     "received": stats.received, "kernel_drops": stats.dropped,
                     "bans": len(self.bans), "max_bans": self.config.firewall.max_bans,
                     "top": self._top(10)}
-        if cmd == "top":
-            n = req.get("n", 20)
-            if not isinstance(n, int) or n < 1:
-                return {"ok": False, "error": "top: n must be a positive integer"}
-            return {"ok": True, "top": self._top(n)}
-        if cmd in ("bans", "ban", "unban"):
-            reply: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
-            self.requests.put(_Request(req, reply))
-            self._wake.set()
-            try:
-                return reply.get(timeout=10)
-            except queue.Empty:
-                return {"ok": False, "error": "floodd is busy; try again"}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+        if isinstance(req, Top):
+            return {"ok": True, "top": self._top(req.n)}
+        pending = _Pending(req)
+        self.requests.put(pending)
+        self._wake.set()
+        try:
+            return pending.reply.get(timeout=REQUEST_TIMEOUT)
+        except queue.Empty:
+            if pending.abandon():
+                return {"ok": False, "error": f"floodd is busy (no answer within "
+                                              f"{REQUEST_TIMEOUT:g} s); nothing was done, "
+                                              "try again", "failed": True}
+        try:  # the main loop is running it now: its answer follows
+            return pending.reply.get(timeout=CHANGE_TIMEOUT)
+        except queue.Empty:
+            return {"ok": False, "error": f"floodd did not finish the request within "
+                                          f"{REQUEST_TIMEOUT + CHANGE_TIMEOUT:g} s; see the "
+                                          "journal", "failed": True}
 
     def _serve_requests(self) -> None:
         while True:
             try:
-                req = self.requests.get_nowait()
+                pending = self.requests.get_nowait()
             except queue.Empty:
                 return
+            if not pending.claim():
+                continue  # its client was told nothing was done
             try:
-                req.reply.put(self._change(req.body))
+                pending.reply.put(self._change(pending.request))
             except FlooddError as exc:
-                req.reply.put({"ok": False, "error": str(exc)})
+                pending.reply.put(refusal(exc))
+            except Exception as exc:  # a bug in one request must not end the main loop
+                self.log.error(f"internal error in a control request: "
+                               f"{type(exc).__name__}: {exc}", action="error")
+                pending.reply.put({"ok": False, "failed": True,
+                                   "error": f"internal error: {type(exc).__name__}: {exc}"})
 
-    def _change(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``bans``, ``ban`` and ``unban`` from the control socket, in the main loop."""
-        assert self.backend is not None
-        now = time.time()
-        cmd = body["cmd"]
-        if cmd == "bans":
-            installed = {ib.network: ib for ib in self.backend.list()}
-            return {"ok": True, "bans": [ib.as_json() for ib in installed.values()]}
+    def _change(self, req: Request) -> dict[str, Any]:
+        """List, ban and unban for the control socket, in the main loop, through the ban
+        owner; a refusal or a firewall failure is a FlooddError (the reply's error)."""
+        if isinstance(req, BanRequest):
+            what = f"ban {req.network}"
+        elif isinstance(req, UnbanRequest):
+            what = "unban --all" if req.network is None else f"unban {req.network}"
+        elif isinstance(req, ListBans):
+            what = "listing the bans"
+        else:
+            raise FlooddError(f"not a change of the bans: {type(req).__name__}")
+        at = self.clock()
         try:
-            network = ipaddress.ip_network(str(body.get("source", "")), strict=True)
-        except ValueError:
-            if cmd == "unban" and body.get("all"):
-                network = None
-            else:
-                raise FlooddError(f"{cmd}: not an address or prefix: "
-                                  f"{body.get('source')!r}") from None
-        if cmd == "ban":
-            assert network is not None
-            reason = self._protected(network)
-            if reason is not None and not body.get("force"):
-                raise FlooddError(f"ban: refusing to ban {network}: {reason} "
-                                  "(use --force to ban it anyway)")
-            seconds = float(body.get("seconds", 3600))
-            ban = Ban(network, str(body.get("reason") or "manual"), now, now + seconds)
-            self.backend.ban([ban])
-            self.backend.commit()
-            with self.lock:
-                self.bans[network] = ban
-                self._refresh_banned_sources()
-            if self.tracker is not None:
-                self.tracker.banned(now, [ban])
-            self.log.notice(f"ban {network} for {seconds:g} s by the operator: {ban.rule}",
-                            action="ban", source=network, rule=ban.rule, ban_time=seconds)
-            return {"ok": True, "banned": str(network), "expires": ban.expires}
-        targets = list(self.bans) if network is None else [network]
-        self.backend.unban(targets)
-        self.backend.commit()
-        if self.tracker is not None:
-            self.tracker.forget(targets)
-        with self.lock:
-            for n in targets:
-                self.bans.pop(n, None)
-                self.traffic.sources.forget(n.network_address.packed)
-            self._refresh_banned_sources()
-        for n in targets:
-            self.log.notice(f"unban {n} by the operator", action="unban", source=n)
-        return {"ok": True, "unbanned": [str(n) for n in targets]}
+            if isinstance(req, ListBans):
+                return {"ok": True, "bans": [ib.as_json() for ib in self.bans.listing(at)]}
+            if isinstance(req, BanRequest):
+                return self._operator_ban(at, req)
+            return self._operator_unban(at, req)
+        except BanFailure as exc:
+            if not isinstance(exc, FirewallWaiting):  # that failure is logged already
+                self.log.error(f"{what} by the operator failed: {exc}", action="error")
+            raise Failure(f"{what} failed: {exc}") from exc
 
-    def _save_state(self, now: float) -> None:
+    def _operator_ban(self, at: Instant, req: BanRequest) -> dict[str, Any]:
+        network = req.network
+        reason = self._protected(network)
+        if reason is not None and not req.force:
+            raise FlooddError(f"ban: refusing to ban {network}: {reason} "
+                              "(use --force to ban it anyway)")
+        done = self.bans.ban(at, [NewBan(network, req.reason, req.seconds)])
+        ban = next((b for b in done.added if b.network == network), None)
+        if ban is None:
+            holder = self.bans.holder(network)
+            raise Failure(f"ban: {network} was not added: it lies inside the banned "
+                              f"prefix {holder}" if holder else f"ban: {network} was not added")
+        replaced = "".join(f", replacing the ban of {n}" for n in done.removed)
+        self.log.notice(f"ban {network} for {req.seconds:g} s by the operator: "
+                        f"{req.reason}{replaced}", action="ban", source=network, rule=req.reason,
+                        ban_time=req.seconds)
+        return {"ok": True, "banned": str(network), "expires": ban.expires}
+
+    def _operator_unban(self, at: Instant, req: UnbanRequest) -> dict[str, Any]:
+        gone = self.bans.unban(at, None if req.network is None else [req.network])
+        if req.network is not None and not gone:
+            raise Failure(f"unban: {req.network} is not banned")
+        with self.lock:
+            for n in gone:
+                self.traffic.sources.forget(n.network_address.packed)
+        for n in gone:
+            self.log.notice(f"unban {n} by the operator", action="unban", source=n)
+        return {"ok": True, "unbanned": [str(n) for n in gone]}
+
+    def _save_state(self, now: Instant) -> None:
         try:
             save_offences(self.config.daemon.state_dir, self.offences, now,
                           self.config.firewall.max_ban_time)

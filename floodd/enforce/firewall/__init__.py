@@ -9,9 +9,9 @@ usable; python-iptables otherwise.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from typing import Callable, Sequence
 
+from floodd.command import run
 from floodd.config import FirewallConfig
 from floodd.errors import FlooddError
 from floodd.enforce.firewall.base import Backend
@@ -64,7 +64,7 @@ def _iptables_version() -> str | None:
     iptables = shutil.which("iptables")
     if iptables is None:
         return None
-    proc = subprocess.run([iptables, "--version"], capture_output=True, text=True, check=False)
+    proc = run([iptables, "--version"])
     return proc.stdout if proc.returncode == 0 else None
 
 

@@ -3,15 +3,16 @@
 A backend owns exactly one table/chain of its own (nftables table ``inet floodd``,
 iptables chain ``FLOODD``) and never touches anything else.  Changes are buffered
 by :meth:`Backend.ban` / :meth:`Backend.unban` and applied in one batch by
-:meth:`Backend.commit`, never one process per element.  The kernel is the record
-of what is banned: every ban carries its rule, start and expiry in the kernel
-(set element comment / rule comment) so a restarted floodd can adopt it.
+:meth:`Backend.commit`, never one process per element; a commit, applied or failed,
+always empties the buffer.  The kernel is the record of what is banned: every ban
+carries its rule, start and expiry in the kernel (set element comment / rule comment)
+so a restarted floodd can adopt it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from floodd.config import Network as Network  # re-exported: the backends' address type
@@ -37,6 +38,9 @@ class InstalledBan:
     expires: float
     packets: int
     bytes: int
+    # Seconds until the kernel itself ends the ban (nftables' element timeout, read on
+    # the kernel's own clock); None when the kernel has no timeout for it (iptables).
+    remaining: float | None = field(default=None, compare=False)
 
     def as_json(self) -> dict[str, Any]:
         """The ban as JSON: what ``floodd bans --json`` prints and the control socket sends."""
@@ -45,8 +49,17 @@ class InstalledBan:
                 "packets": self.packets, "bytes": self.bytes}
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What a commit changed in the kernel."""
+
+    added: tuple[Ban, ...]  # bans now in the kernel as given (new or replacing one)
+    removed: tuple[Network, ...]  # networks whose ban is no longer in the kernel
+
+
 class Buffered:
-    """``ban`` and ``unban`` only buffer; a backend's ``commit`` applies ``_pending``.
+    """``ban`` and ``unban`` only buffer; a backend's ``commit`` applies what
+    :meth:`_take` hands it.
 
     ``_pending`` maps a network to its new ban, or to None for a removal; the
     last change of a network wins.
@@ -54,6 +67,12 @@ class Buffered:
 
     def __init__(self) -> None:
         self._pending: dict[Network, Ban | None] = {}
+
+    def _take(self) -> dict[Network, Ban | None]:
+        """The buffered changes, the buffer emptied: a failed commit is never applied
+        later by an unrelated one."""
+        pending, self._pending = self._pending, {}
+        return pending
 
     def ban(self, bans: Sequence[Ban]) -> None:
         for ban in bans:
@@ -68,7 +87,8 @@ class Backend(Protocol):
     name: str
 
     def setup(self) -> None:
-        """Create floodd's own table/chain if missing (idempotent); never touches others."""
+        """Create floodd's own table/chain if missing and make its drop rules match the
+        configuration (idempotent); never touches anything else."""
 
     def ban(self, bans: Sequence[Ban]) -> None:
         """Buffer bans (an existing ban of the same network is replaced)."""
@@ -76,8 +96,13 @@ class Backend(Protocol):
     def unban(self, networks: Sequence[Network]) -> None:
         """Buffer removals; removing a network that is not banned is not an error."""
 
-    def commit(self) -> None:
-        """Apply everything buffered in one batch."""
+    def configure(self, ports: Sequence[int], protocols: Sequence[str]) -> None:
+        """The DNS ports and protocols the drop rules match (scope ``dns``), from the
+        next :meth:`setup` on; FlooddError if this backend cannot match them."""
+
+    def commit(self) -> Committed:
+        """Apply everything buffered in one batch; the buffer is empty afterwards,
+        also when it fails (FlooddError)."""
 
     def list(self) -> list[InstalledBan]:
         """Every ban floodd has in the kernel, with counters, in one call."""

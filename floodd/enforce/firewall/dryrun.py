@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from floodd.enforce.firewall.base import Ban, Buffered, InstalledBan, Network
+from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
+
 
 class DryRunBackend(Buffered):
     name = "dry-run"
@@ -14,38 +15,45 @@ class DryRunBackend(Buffered):
     def __init__(self, ports: Sequence[int] = (53,), protocols: Sequence[str] = ("udp", "tcp"),
                  scope: str = "dns", log: Callable[[str], None] | None = None) -> None:
         self.log = log or logging.getLogger("floodd.enforce.firewall").info
-        self.what = ("all traffic" if scope == "all" else
-                     f"{'/'.join(protocols)} to port {', '.join(map(str, ports))}")
+        self.scope = scope
+        self.configure(ports, protocols)
         self._bans: dict[Network, Ban] = {}
         super().__init__()
-        self._set_up = False
+        self._set_up: str | None = None  # what the drop rules would match, once set up
+
+    def configure(self, ports: Sequence[int], protocols: Sequence[str]) -> None:
+        self.what = ("all traffic" if self.scope == "all" else
+                     f"{'/'.join(protocols)} to port {', '.join(map(str, ports))}")
 
     def setup(self) -> None:
-        if not self._set_up:
+        if self._set_up != self.what:
             self.log(f"dry run: would set up the firewall to drop {self.what} "
                      "from banned sources")
-        self._set_up = True
+        self._set_up = self.what
 
-
-    def commit(self) -> None:
-        for net, ban in self._pending.items():
+    def commit(self) -> Committed:
+        added: list[Ban] = []
+        removed: list[Network] = []
+        for net, ban in self._take().items():
             if ban is not None:
                 self.log(f"dry run: would ban {net} for {ban.expires - ban.since:g} s "
                          f"({ban.rule})")
                 self._bans[net] = ban
+                added.append(ban)
             elif self._bans.pop(net, None) is not None:
                 self.log(f"dry run: would unban {net}")
-        self._pending.clear()
+                removed.append(net)
+        return Committed(tuple(added), tuple(removed))
 
     def list(self) -> list[InstalledBan]:
         return [InstalledBan(b.network, b.rule, b.since, b.expires, 0, 0)
                 for b in self._bans.values()]
 
     def present(self) -> bool:
-        return self._set_up
+        return self._set_up is not None
 
     def teardown(self) -> None:
-        if self._set_up:
+        if self._set_up is not None:
             self.log(f"dry run: would remove the firewall table and its {len(self._bans)} bans")
         self._bans.clear()
-        self._set_up = False
+        self._set_up = None

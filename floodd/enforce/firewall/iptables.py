@@ -35,6 +35,7 @@ adding, listing or removing 10,000 bans then takes about 0.1 s each.  The commit
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import ipaddress
 import os
@@ -45,8 +46,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
-from floodd.errors import FlooddError
-from floodd.enforce.firewall.base import Ban, Buffered, InstalledBan, Network
+from floodd.errors import Failure, FlooddError
+from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
 from floodd.enforce.firewall.nftables import element_comment, parse_comment
 
 PROTOCOLS = ("udp", "tcp")
@@ -100,7 +101,17 @@ class IptablesBackend(Buffered):
             raise FlooddError(f"firewall scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         if not _CHAIN_NAME.fullmatch(chain):
             raise FlooddError(f"invalid iptables chain name {chain!r}")
-        if scope == "dns":
+        self._scope = scope
+        self._chain = chain
+        self.configure(ports, protocols)
+        self._iptc = _import_iptc()
+        self._layouts: dict[int, _Family] = {}
+        super().__init__()
+
+    def configure(self, ports: Sequence[int], protocols: Sequence[str]) -> None:
+        """The jump rules setup() installs: one per protocol matching the ports (scope
+        ``dns``), or one for all traffic."""
+        if self._scope == "dns":
             if not 1 <= len(ports) <= MAX_PORTS:
                 raise FlooddError(f"iptables needs 1 to {MAX_PORTS} DNS ports, got {len(ports)}")
             if any(not 1 <= port <= 65535 for port in ports):
@@ -113,11 +124,7 @@ class IptablesBackend(Buffered):
                 (p, f"{_MARK} {p} dports={dports}") for p in dict.fromkeys(protocols)]
         else:
             self._jumps = [(None, f"{_MARK} all")]
-        self._chain = chain
         self._ports = tuple(ports)
-        self._iptc = _import_iptc()
-        self._layouts: dict[int, _Family] = {}
-        super().__init__()
 
     # --- the Backend interface ---------------------------------------------------
     def setup(self) -> None:
@@ -134,21 +141,31 @@ class IptablesBackend(Buffered):
                         input_chain.insert_rule(self._jump_rule(fam, protocol, comment), 0)
                 table.commit()  # libiptc commits nothing when nothing changed
 
+    def commit(self) -> Committed:
+        """One table commit per address family (IPv4, then IPv6).
 
-    def commit(self) -> None:
+        When the IPv6 one fails the IPv4 one stays applied; either way nothing stays
+        buffered.
+        """
+        pending = self._take()
+        added: list[Ban] = []
+        removed: list[Network] = []
         for version in VERSIONS:
-            changes = {n: b for n, b in self._pending.items() if n.version == version}
+            changes = {n: b for n, b in pending.items() if n.version == version}
             if not changes:
                 continue
             with self._session(version, "commit") as (fam, table):
                 if table.is_chain(self._chain):
-                    self._apply(fam, table, changes)
+                    gone = self._apply(fam, table, changes)
                     table.commit()
                 elif any(changes.values()):
-                    raise FlooddError(f"{_TOOLS[version]} chain {self._chain} is missing "
+                    raise Failure(f"{_TOOLS[version]} chain {self._chain} is missing "
                                       "(removed from outside?): run setup first")
-            for network in changes:
-                del self._pending[network]
+                else:
+                    gone = ()
+            added += [b for b in changes.values() if b is not None]
+            removed += gone
+        return Committed(tuple(added), tuple(removed))
 
     def present(self) -> bool:
         for version in VERSIONS:
@@ -208,18 +225,23 @@ class IptablesBackend(Buffered):
                     table.autocommit = autocommit
         except (self._iptc.IPTCError, self._iptc.XTablesError, OSError) as exc:
             message = _BYTES_REPR.sub(r"\2", str(exc)).replace("\n", " ")
-            raise FlooddError(f"{_TOOLS[version]} {action}: {message}") from exc
+            raise Failure(f"{_TOOLS[version]} {action}: {message}") from exc
 
-    def _apply(self, fam: _Family, table: Any, changes: dict[Network, Ban | None]) -> None:
-        """Replace, delete and append ban rules; a replaced ban keeps its counters."""
+    def _apply(self, fam: _Family, table: Any,
+               changes: dict[Network, Ban | None]) -> Sequence[Network]:
+        """Replace, delete and append ban rules; a replaced ban keeps its counters.
+        The networks whose rules are deleted."""
         installed: dict[Network, list[tuple[int, InstalledBan]]] = {}
         for index, ban in self._installed_bans(fam, table):
             installed.setdefault(ban.network, []).append((index, ban))
         deletes: list[int] = []
+        gone: list[Network] = []
         for network, new in changes.items():
             rules = installed.get(network, [])
             if new is None:
                 deletes += [index for index, _ in rules]
+                if rules:
+                    gone.append(network)
             elif not rules:
                 table.append_entry(self._chain, _entry(fam, new, 0, 0))
             else:
@@ -230,6 +252,7 @@ class IptablesBackend(Buffered):
         # Appends went to the end and replacements kept their place: indexes still hold.
         for index in sorted(deletes, reverse=True):
             self._delete(table, self._chain, index)
+        return gone
 
     def _installed_bans(self, fam: _Family, table: Any) -> Iterator[tuple[int, InstalledBan]]:
         """(position, ban) of every rule in floodd's chain that carries a ban comment."""
@@ -306,9 +329,14 @@ def _xtables_lock() -> Iterator[None]:
     """The lock iptables-legacy takes around every change (flock on its lock file)."""
     path = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
     try:
+        # Read-only is enough for flock, and opens an existing lock file even on a
+        # read-only /run (the systemd unit creates it before its sandbox starts).
         fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise FlooddError(f"cannot open the xtables lock {path}: {exc.strerror}") from exc
+        hint = (" (it must exist before floodd starts: the systemd unit creates it with "
+                "ExecStartPre=+/usr/bin/touch)" if exc.errno == errno.EROFS else "")
+        raise Failure(f"cannot open the xtables lock {path}: {exc.strerror}{hint}"
+                          ) from exc
     try:
         deadline = time.monotonic() + LOCK_WAIT
         while True:
@@ -317,7 +345,7 @@ def _xtables_lock() -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise FlooddError(f"another program holds the xtables lock {path} "
+                    raise Failure(f"another program holds the xtables lock {path} "
                                       f"(waited {LOCK_WAIT:g} s)") from None
                 time.sleep(0.01)
         yield

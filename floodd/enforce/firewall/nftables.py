@@ -29,9 +29,11 @@ already banned prefix is skipped, and a prefix ban replaces the prefixes it cont
 over their counters.
 
 Every change is one ``nft -f -`` transaction fed on stdin (the text syntax: nft 1.0.6's JSON
-input ignores element counters, which a replaced ban must carry over).  Replacing an element
-(a new expiry or rule) is a delete and an add in the same transaction.  Reading is one
-``nft -j list table inet floodd``.
+input ignores element counters, which a replaced ban must carry over), planned against a
+listing taken just before it (an element's counter and a prefix's overlaps must be read from
+the kernel).  Replacing an element (a new expiry or rule) is a delete and an add in the same
+transaction.  Reading is one ``nft -j list table inet floodd``.  Every ``nft`` runs with
+floodd's command timeout.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from floodd.errors import FlooddError
-from floodd.enforce.firewall.base import Ban, Buffered, InstalledBan, Network
+from floodd.command import CommandTimeout, run
+from floodd.errors import Failure, FlooddError
+from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
 
 # (IP version, is a prefix) -> set name; the order is the order of the drop rules
 SETS = {(4, False): "ban4", (6, False): "ban6", (4, True): "ban4net", (6, True): "ban6net"}
@@ -128,8 +130,9 @@ def parse_table(data: Mapping[str, Any], table: str, now: float) -> TableState:
 
     Elements are ``{"elem": {"val": ADDR | {"prefix": {"addr", "len"}}, "timeout": s,
     "expires": s, "comment": str, "counter": {"packets", "bytes"}}}``; ``timeout`` and
-    ``expires`` are whole seconds.  An element without floodd's comment (added by hand) is
-    reported with rule ``(unknown)`` and times from its timeout.
+    ``expires`` are whole seconds (``expires``, the time left, is the ``remaining`` of the
+    ban).  An element without floodd's comment (added by hand) is reported with rule
+    ``(unknown)`` and times from its timeout.
     """
     sets: set[str] = set()
     drops: set[str] = set()
@@ -165,6 +168,7 @@ def _parse_elem(item: Any, now: float) -> InstalledBan | None:
     else:
         return None  # floodd only writes addresses and prefixes
     counter = elem.get("counter") or {}
+    remaining = float(elem["expires"]) if "expires" in elem else None
     parsed = parse_comment(elem.get("comment", ""))
     if parsed is not None:
         rule, since, expires = parsed
@@ -174,7 +178,7 @@ def _parse_elem(item: Any, now: float) -> InstalledBan | None:
         since = now - (timeout - elem.get("expires", 0)) if timeout is not None else now
         rule = UNKNOWN_RULE
     return InstalledBan(network, rule, since, expires,
-                        int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+                        int(counter.get("packets", 0)), int(counter.get("bytes", 0)), remaining)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,12 @@ class Plan:
 
     delete: tuple[Network, ...]
     add: tuple[tuple[Ban, int, int], ...]  # ban, packets, bytes to start its counter at
+
+    def committed(self) -> Committed:
+        """What the kernel holds differently once the transaction is applied."""
+        added = tuple(ban for ban, _, _ in self.add)
+        readded = {ban.network for ban in added}
+        return Committed(added, tuple(n for n in self.delete if n not in readded))
 
 
 def set_of(network: Network) -> str:
@@ -282,13 +292,16 @@ class NftablesBackend(Buffered):
             raise FlooddError(f"nftables table name {table!r} is not a valid identifier")
         if scope not in ("dns", "all"):
             raise FlooddError(f"firewall scope {scope!r}: expected dns or all")
-        if scope == "dns" and (not ports or not protocols):
+        self.scope = scope
+        self.table = table
+        self.configure(ports, protocols)
+        super().__init__()
+
+    def configure(self, ports: Sequence[int], protocols: Sequence[str]) -> None:
+        if self.scope == "dns" and (not ports or not protocols):
             raise FlooddError("firewall scope dns needs at least one port and protocol")
         self.ports = tuple(ports)
         self.protocols = tuple(protocols)
-        self.scope = scope
-        self.table = table
-        super().__init__()
 
     def _match(self) -> str:
         if self.scope == "all":
@@ -322,32 +335,35 @@ class NftablesBackend(Buffered):
     def setup(self) -> None:
         _nft(["-f", "-"], self.setup_script())
 
-
-    def commit(self) -> None:
+    def commit(self) -> Committed:
         """One listing (to plan against what the kernel holds), then one transaction;
-        retried once on a fresh listing if it fails.
+        retried once on a fresh listing if nft refuses it.
 
         A retry covers the race with the kernel: an element whose timeout fires between the
-        listing and the transaction makes its delete fail.  A prefix inside a banned prefix
-        is not added (see :func:`plan_commit`).
+        listing and the transaction makes its delete fail.  An nft that hangs is not tried
+        again.  A prefix inside a banned prefix is not added (see :func:`plan_commit`): it
+        is missing from the result's ``added``.
         """
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        for attempt in (1, 2):
-            state = self.state()
-            if not state.exists:
-                raise FlooddError(f"nftables table inet {self.table} does not exist "
-                                  "(the firewall is not set up)")
-            script = render_commit(plan_commit(pending, state.bans), self.table, time.time())
-            if not script:
-                return
-            try:
-                _nft(["-f", "-"], script)
-                return
-            except FlooddError:
-                if attempt == 2:
-                    raise
+        pending = self._take()
+        if not pending:
+            return Committed((), ())
+        try:
+            return self._apply(pending)
+        except CommandTimeout:
+            raise
+        except FlooddError:
+            return self._apply(pending)
+
+    def _apply(self, pending: Mapping[Network, Ban | None]) -> Committed:
+        state = self.state()
+        if not state.exists:
+            raise Failure(f"nftables table inet {self.table} does not exist "
+                              "(the firewall is not set up)")
+        plan = plan_commit(pending, state.bans)
+        script = render_commit(plan, self.table, time.time())
+        if script:
+            _nft(["-f", "-"], script)
+        return plan.committed()
 
     def state(self) -> TableState:
         """Table, sets, drop rules and bans in one ``nft -j list table`` call."""
@@ -357,7 +373,7 @@ class NftablesBackend(Buffered):
         try:
             data = json.loads(proc)
         except json.JSONDecodeError:
-            raise FlooddError("nft -j list table printed something that is not JSON") from None
+            raise Failure("nft -j list table printed something that is not JSON") from None
         return parse_table(data, self.table, time.time())
 
     def list(self) -> list[InstalledBan]:
@@ -379,8 +395,7 @@ def _nft(args: list[str], script: str | None = None, missing_ok: bool = False) -
     nft = shutil.which("nft")
     if nft is None:
         raise FlooddError("nft not found: install nftables or choose another firewall.backend")
-    proc = subprocess.run([nft, *args], input=script, capture_output=True, text=True,
-                          check=False)
+    proc = run([nft, *args], input=script)
     if proc.returncode == 0:
         return proc.stdout
     err = next((ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")),
@@ -388,4 +403,4 @@ def _nft(args: list[str], script: str | None = None, missing_ok: bool = False) -
     if missing_ok and "No such file or directory" in err:
         return None
     hint = " (floodd needs root or CAP_NET_ADMIN)" if "Operation not permitted" in err else ""
-    raise FlooddError(f"nft {' '.join(args[:2])} failed: {err[:200] or proc.returncode}{hint}")
+    raise Failure(f"nft {' '.join(args[:2])} failed: {err[:200] or proc.returncode}{hint}")
