@@ -27,8 +27,8 @@ from floodd.errors import FlooddError
 from floodd.enforce.firewall import BACKENDS, auto_choice, make_backend
 from floodd.enforce.firewall.base import Backend, Ban, InstalledBan
 from floodd.enforce.firewall.dryrun import DryRunBackend
-from floodd.enforce.firewall.nftables import (NftablesBackend, element_comment, parse_comment,
-                                      parse_table, plan_commit, render_commit)
+from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
+from floodd.enforce.firewall.nftables import NftablesBackend, parse_table, plan_commit, render_commit
 
 net = ipaddress.ip_network
 NOW = 1_795_615_100.0
@@ -123,11 +123,11 @@ def test_parse_table_incomplete_and_foreign() -> None:
 
 @given(st.text(max_size=200))
 def test_comment_round_trip(rule: str) -> None:
-    comment = element_comment(Ban(net("198.51.100.7/32"), rule, 1_700_000_000.4,
+    comment = ban_comment(Ban(net("198.51.100.7/32"), rule, 1_700_000_000.4,
                                   1_700_000_600))
     assert len(comment.encode("utf-8", "surrogatepass")) <= 128
     assert '"' not in comment and comment.isprintable()
-    parsed = parse_comment(comment)
+    parsed = parse_ban_comment(comment)
     assert parsed is not None
     back, since, expires = parsed
     assert (since, expires) == (1_700_000_000, 1_700_000_600)
@@ -137,8 +137,8 @@ def test_comment_round_trip(rule: str) -> None:
 
 
 def test_parse_comment_of_others() -> None:
-    assert parse_comment("added by hand") is None
-    assert parse_comment("floodd since=x expires=1 rule=a") is None
+    assert parse_ban_comment("added by hand") is None
+    assert parse_ban_comment("floodd since=x expires=1 rule=a") is None
 
 
 # --- planning a transaction ---------------------------------------------------------------

@@ -48,7 +48,7 @@ from typing import Any, Iterator, Sequence
 
 from floodd.errors import Failure, FlooddError
 from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
-from floodd.enforce.firewall.nftables import element_comment, parse_comment
+from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
 
 PROTOCOLS = ("udp", "tcp")
 VERSIONS = (4, 6)
@@ -384,7 +384,7 @@ def _comment(fam: _Family, raw: bytes) -> str | None:
 
 def _parse_ban(fam: _Family, raw: bytes) -> InstalledBan | None:
     comment = _comment(fam, raw)
-    parsed = parse_comment(comment) if comment is not None else None
+    parsed = parse_ban_comment(comment) if comment is not None else None
     if parsed is None:
         return None
     size = fam.address_size
@@ -405,7 +405,7 @@ def _entry(fam: _Family, ban: Ban, packets: int, nbytes: int) -> ctypes.Array[ct
     address, mask = ban.network.network_address.packed, ban.network.netmask.packed
     buf[fam.src:fam.src + len(address)] = address
     buf[fam.smsk:fam.smsk + len(mask)] = mask
-    comment = element_comment(ban).encode()[:_COMMENT_SIZE - 1]
+    comment = ban_comment(ban).encode()[:_COMMENT_SIZE - 1]
     buf[fam.comment:fam.comment + _COMMENT_SIZE] = comment.ljust(_COMMENT_SIZE, b"\0")
     _COUNTERS.pack_into(buf, fam.counters, packets, nbytes)
     return (ctypes.c_ubyte * len(buf)).from_buffer(buf)

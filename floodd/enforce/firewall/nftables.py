@@ -49,6 +49,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from floodd.command import CommandTimeout, run
 from floodd.errors import Failure, FlooddError
+from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
 from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
 
 # (IP version, is a prefix) -> set name; the order is the order of the drop rules
@@ -56,55 +57,7 @@ SETS = {(4, False): "ban4", (6, False): "ban6", (4, True): "ban4net", (6, True):
 CHAIN = "input"
 RULE_COMMENT = "floodd: drop banned sources"
 UNKNOWN_RULE = "(unknown)"
-# nft refuses comments over 128 bytes; the rule text is cut to fit.
-_COMMENT_MAX = 128
-_COMMENT_RE = re.compile(r"^floodd since=(\d+) expires=(\d+) rule=(.*)$", re.DOTALL)
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
-# nft's quoted strings have no escapes: these characters, and unprintable ones (as UTF-8),
-# are percent-encoded in comments.
-_ENCODE = {'"': "%22", "%": "%25", "\\": "%5C"}
-
-
-def _escape(char: str) -> str:
-    if char in _ENCODE:
-        return _ENCODE[char]
-    if char.isprintable():
-        return char
-    return "".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
-
-
-def _unescape(match: re.Match[str]) -> str:
-    raw = bytes.fromhex(match.group(0).replace("%", ""))
-    try:
-        return raw.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        return match.group(0)
-
-
-def element_comment(ban: Ban) -> str:
-    """``floodd since=S expires=E rule=R``: R percent-encoded where nft needs it, cut at a
-    whole character to fit nft's 128 bytes."""
-    # Whole seconds, the expiry rounded down: floodd never believes a ban lasts longer
-    # than the kernel's timeout, so it extends an active ban in time.
-    head = f"floodd since={round(ban.since)} expires={math.floor(ban.expires)} rule="
-    budget = _COMMENT_MAX - len(head)
-    pieces = []
-    for char in ban.rule:
-        piece = _escape(char)
-        budget -= len(piece.encode("utf-8", "surrogatepass"))
-        if budget < 0:
-            break
-        pieces.append(piece)
-    return head + "".join(pieces)
-
-
-def parse_comment(comment: str) -> tuple[str, float, float] | None:
-    """``(rule, since, expires)`` from an element comment floodd wrote, else None."""
-    m = _COMMENT_RE.match(comment)
-    if m is None:
-        return None
-    rule = re.sub(r"(?:%[0-9A-F]{2})+", _unescape, m.group(3))
-    return rule, float(m.group(1)), float(m.group(2))
 
 
 @dataclass(frozen=True)
@@ -169,7 +122,7 @@ def _parse_elem(item: Any, now: float) -> InstalledBan | None:
         return None  # floodd only writes addresses and prefixes
     counter = elem.get("counter") or {}
     remaining = float(elem["expires"]) if "expires" in elem else None
-    parsed = parse_comment(elem.get("comment", ""))
+    parsed = parse_ban_comment(elem.get("comment", ""))
     if parsed is not None:
         rule, since, expires = parsed
     else:
@@ -182,7 +135,7 @@ def _parse_elem(item: Any, now: float) -> InstalledBan | None:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Transaction:
     """One transaction: elements to delete, then elements to add (with carried counters)."""
 
     delete: tuple[Network, ...]
@@ -208,7 +161,7 @@ def element(network: Network) -> str:
 
 
 def plan_commit(pending: Mapping[Network, Ban | None],
-                installed: Iterable[InstalledBan]) -> Plan:
+                installed: Iterable[InstalledBan]) -> Transaction:
     """Turn buffered changes (``None``: unban) into a transaction the sets accept."""
     current = {b.network: b for b in installed}
     delete: dict[Network, None] = {}  # a dict keeps the order
@@ -239,7 +192,7 @@ def plan_commit(pending: Mapping[Network, Ban | None],
         if net.prefixlen < net.max_prefixlen:
             prefix_lens[net.version].add(net.prefixlen)
         adds.append((ban, packets, bytes_))
-    return Plan(tuple(delete), tuple(adds))
+    return Transaction(tuple(delete), tuple(adds))
 
 
 def _covered(net: Network, remaining: set[Network], prefix_lens: set[int]) -> bool:
@@ -262,7 +215,7 @@ def _replaced(net: Network, remaining: set[Network]) -> list[Network]:
             and int(n.network_address) >> shift == base]
 
 
-def render_commit(plan: Plan, table: str, now: float) -> str:
+def render_commit(plan: Transaction, table: str, now: float) -> str:
     """The ``nft -f`` script for a plan (empty when there is nothing to do)."""
     gone: dict[str, list[str]] = {}
     for net in plan.delete:
@@ -273,7 +226,7 @@ def render_commit(plan: Plan, table: str, now: float) -> str:
         counter = f" counter packets {packets} bytes {bytes_}" if packets or bytes_ else ""
         new.setdefault(set_of(ban.network), []).append(
             f'{element(ban.network)}{counter} timeout {timeout_ms}ms '
-            f'comment "{element_comment(ban)}"')
+            f'comment "{ban_comment(ban)}"')
     lines = [f"delete element inet {table} {name} {{ {', '.join(elems)} }}"
              for name, elems in gone.items()]
     lines += [f"add element inet {table} {name} {{ {', '.join(elems)} }}"
