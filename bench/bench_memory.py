@@ -35,7 +35,6 @@ import argparse
 import gc
 import os
 import re
-import resource
 import sys
 import time
 import tracemalloc
@@ -43,6 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.rss import peak_rss_mb, vm_rss_mb
 from floodd.config import default_config, load_config
 from floodd.detect.parse import Record
 from floodd.detect.traffic import (PREFIX, QTYPE, SOURCE, TableSpec, Traffic, prefix_keys,
@@ -53,17 +53,6 @@ ANY = 255
 BATCH = 1024
 START = 1000.0
 
-
-def vm_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_max_mb() -> float:

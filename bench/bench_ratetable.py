@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 import struct
 import sys
 import time
@@ -25,23 +24,13 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from bench.rss import peak_rss_mb, vm_rss_mb
 from floodd.detect.ratetable import RateTable
 
 HITTER = bytes([203, 0, 113, 7])
 START = 1000.0
 _MIX = 0x9E3779B1   # odd, so i -> i * _MIX mod 2**32 is a bijection: sources are distinct
 
-
-def vm_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def row(label: str, value: object = None) -> None:

@@ -108,6 +108,24 @@ def test_banned_sources_are_skipped_but_counted_in_totals() -> None:
     assert t.sources.count(1.0, S1) == 0 and t.sources.count(1.0, S2) == 1
 
 
+def test_forget_clears_a_source_in_every_table_keyed_by_it() -> None:
+    config = build_config({"rules": [
+        {"name": "all-5s", "threshold": 10, "window": 5},
+        {"name": "all-20s", "threshold": 10, "window": 20},
+        {"name": "any-10s", "match": "ANY", "threshold": 1, "window": 10},
+        {"name": "net", "aggregate": "prefix", "prefix_v4": 24, "threshold": 10, "window": 5},
+    ]})
+    t = Traffic(config)
+    t.add_batch(1.0, [rec(0.0, S1, ANY), rec(0.0, S1, A), rec(0.0, S2, ANY)])
+    t.forget(S1)
+    for name in ("all-5s", "all-20s"):
+        assert t.table_for(rule(config, name)).count(1.0, S1) == 0
+        assert t.table_for(rule(config, name)).count(1.0, S2) == 1
+    assert t.table_for(rule(config, "any-10s")).count(1.0, qtype_key(S1, ANY)) == 0
+    assert t.table_for(rule(config, "any-10s")).count(1.0, qtype_key(S2, ANY)) == 1
+    assert t.table_for(rule(config, "net")).count(1.0, prefix_key(S1, 24, 64)) == 3
+
+
 RELOAD_RULES = [
     {"name": "flood", "threshold": 100, "window": 10},
     {"name": "any", "match": "ANY", "threshold": 4, "window": 60},

@@ -234,6 +234,17 @@ class Traffic:
             for table in tables:
                 table.add_keys(now, pairs)
 
+    def forget(self, src: bytes) -> None:
+        """Drop the counts of source ``src`` from every table keyed by it (per source and
+        per source + qtype), as when it is banned or unbanned; prefixes keep theirs."""
+        for table in self._source_tables:
+            table.forget(src)
+        for watched, tables in self._pair_tables:
+            for qt in watched:
+                key = qtype_key(src, qt)
+                for table in tables:
+                    table.forget(key)
+
     def table_for(self, rule: Rule) -> RateTable[bytes]:
         """The table whose counts ``rule`` compares against its threshold."""
         return self.tables[table_spec(rule, self._config)]

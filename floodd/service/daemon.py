@@ -360,7 +360,7 @@ class Daemon:
         with self.lock:
             for net in added:
                 if net.prefixlen == net.max_prefixlen:
-                    self.traffic.sources.forget(net.network_address.packed)
+                    self.traffic.forget(net.network_address.packed)
         for trig, seconds in decided.bans:
             if trig.network not in added:
                 continue
@@ -615,7 +615,7 @@ class Daemon:
             raise Failure(f"unban: {req.network} is not banned")
         with self.lock:
             for n in gone:
-                self.traffic.sources.forget(n.network_address.packed)
+                self.traffic.forget(n.network_address.packed)
         for n in gone:
             self.log.notice(f"unban {n} by the operator", action="unban", source=n)
         return {"ok": True, "unbanned": [str(n) for n in gone]}
