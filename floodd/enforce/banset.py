@@ -141,13 +141,7 @@ class BanSet:
     def load(self, now: Instant) -> tuple[InstalledBan, ...]:
         """Mirror what the kernel holds now; nothing is unbanned or re-added.  The bans
         first seen."""
-        started = time.monotonic()
-        try:
-            listed = self.backend.list()
-        except FlooddError as exc:
-            self._lose(now, str(exc), started)
-            raise BanFailure(f"cannot read the bans: {exc}") from exc
-        return self._observe(now, listed).adopted
+        return self._observe(now, self._read(now)).adopted
 
     def _observe(self, now: Instant, listed: Sequence[InstalledBan]) -> Decisions:
         """The mirror becomes ``listed``; what vanished is owed until the kernel has it
@@ -261,13 +255,7 @@ class BanSet:
         deadline in unix time now (whole seconds, rounded down).  Changes nothing."""
         if not self.usable(now):
             raise self._waiting(now)
-        started = time.monotonic()
-        try:
-            listed = self.backend.list()
-        except FlooddError as exc:
-            self._lose(now, str(exc), started)
-            raise BanFailure(f"cannot read the bans: {exc}") from exc
-        return [self._shown(now, ib) for ib in listed]
+        return [self._shown(now, ib) for ib in self._read(now)]
 
     def _shown(self, now: Instant, ib: InstalledBan) -> InstalledBan:
         if ib.network not in self._mirror or math.isinf(ib.expires):
@@ -316,6 +304,15 @@ class BanSet:
             self._owed.pop(network, None)
         self._refresh()
         return done
+
+    def _read(self, now: Instant) -> list[InstalledBan]:
+        """The kernel's bans; BanFailure (and the firewall left alone) if it cannot say."""
+        started = time.monotonic()
+        try:
+            return self.backend.list()
+        except FlooddError as exc:
+            self._lose(now, str(exc), started)
+            raise BanFailure(f"cannot read the bans: {exc}") from exc
 
     def _lose(self, now: Instant, why: str, started: float) -> None:
         """The firewall failed (``why``) in a call begun at ``started`` (time.monotonic()):
