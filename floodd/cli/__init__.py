@@ -2,8 +2,9 @@
 
 Each command group lives in a module of its own, which exposes
 ``register(subparsers)``; the parser it adds sets ``handler`` to a function
-``(args) -> exit status``.  Every operator error ends as one ``floodd: ...`` line
-on stderr and exit status 2.
+``(args) -> exit status``.  Every error ends as one ``floodd: ...`` line on
+stderr and the exit status of its kind (see floodd.errors: 1 could not be done, 2 bad
+input).
 """
 
 from __future__ import annotations
