@@ -28,6 +28,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MATCH_ALL = "all"
 MATCH_MALFORMED = "malformed"
 
+MAX_DURATION = 365 * 86400.0  # seconds: no duration floodd takes is longer than a year
 # Units of a duration, largest first: in "1h30m" each unit follows every larger one.
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _UNIT_RANK = {unit: rank for rank, unit in enumerate(_UNITS)}
@@ -258,7 +259,7 @@ class _Section:
             return float(v)
         return self.get(key, default, conv, f"a number from {lo:g} to {hi:g}")
 
-    def duration(self, key: str, default: float, hi: float = 365 * 86400.0) -> float:
+    def duration(self, key: str, default: float, hi: float = MAX_DURATION) -> float:
         def conv(v: object) -> float:
             seconds = parse_duration(v)
             if seconds > hi:

@@ -26,11 +26,7 @@ from floodd.enforce.clock import now as clock_now
 from floodd.enforce.firewall import BACKENDS, make_backend
 from floodd.enforce.firewall.base import Backend, Network
 from floodd.decide.safety import own_networks, protected_reason
-
-# A manual ban lasts this long unless --for says otherwise.
-DEFAULT_BAN_TIME = 3600.0
-MAX_BAN_TIME = 365 * 86400.0
-DEFAULT_REASON = "manual"
+from floodd.service.requests import DEFAULT_BAN_TIME, DEFAULT_REASON, MAX_BAN_TIME, check_reason
 
 
 def source_network(text: str) -> Network:
@@ -141,7 +137,7 @@ def _bans(args: argparse.Namespace) -> int:
 def _ban(args: argparse.Namespace) -> int:
     network = source_network(args.source)
     seconds = ban_duration(args.duration) if args.duration is not None else DEFAULT_BAN_TIME
-    reason = args.reason.strip() or DEFAULT_REASON
+    reason = check_reason(args.reason.strip() or DEFAULT_REASON, "--reason")
     config = config_from_args(args)
     reply = _daemon(args, config, "ban", source=str(network), seconds=seconds, reason=reason,
                     force=args.force)

@@ -224,15 +224,15 @@ class Daemon:
             if mono < next_tick:
                 continue
             next_tick = max(next_tick + self.config.daemon.tick, mono)
-            now = time.time()
+            at = self.clock()
             # A failing firewall command is logged and tried again next time; the
             # capture (and the watchdog) carry on.
-            self._guarded("ban", self._policy_tick, now)
+            self._guarded("ban", self._policy_tick, at)
             if mono >= next_rescan:
                 next_rescan += self.config.firewall.rescan_interval
                 if next_rescan <= mono:  # fell behind (a slow tick): no burst of rescans
                     next_rescan = mono + self.config.firewall.rescan_interval
-                self._guarded("rescan", self._rescan, now)
+                self._guarded("rescan", self._rescan, at)
             if mono >= next_summary:
                 next_summary = max(next_summary + self.config.daemon.summary_interval, mono)
                 self._summary()
@@ -252,9 +252,9 @@ class Daemon:
                     self.log.error(f"capture stopped: {problem}", action="capture")
                 self.notifier.status("capture stopped: " + problem)
 
-    def _guarded(self, what: str, step: Callable[[float], None], now: float) -> None:
+    def _guarded(self, what: str, step: Callable[[Instant], None], at: Instant) -> None:
         try:
-            step(now)
+            step(at)
         except FlooddError as exc:
             self.log.error(f"{what} failed, will try again: {exc}", action="error")
 
@@ -335,14 +335,13 @@ class Daemon:
     def _protected(self, network: Network) -> str | None:
         return protected_reason(network, self.config.whitelist, self.own)
 
-    def _policy_tick(self, now: float) -> None:
+    def _policy_tick(self, at: Instant) -> None:
         cfg = self.config
-        with self.lock:
-            triggers = evaluate(time.monotonic(), self.traffic, cfg.rules)
+        with self.lock:  # the tables run on the capture's clock: time.monotonic()
+            triggers = evaluate(at.mono, self.traffic, cfg.rules)
         if not triggers:
             return
         fw = cfg.firewall
-        at = self.clock()
         decided = plan(at.mono, triggers, self.bans.networks(), self._protected, fw.max_bans,
                        self.offences, fw.escalation_factor, fw.max_ban_time)
         for trig in decided.warnings:
@@ -405,9 +404,8 @@ class Daemon:
                              rate=round(r.trigger.rate, 1))
 
     # --- rescan: counters, expiry, repair ---------------------------------------
-    def _rescan(self, now: float) -> None:
+    def _rescan(self, at: Instant) -> None:
         """Through the ban owner: read the counters back, repair, extend, expire."""
-        at = self.clock()
         try:
             self.own = own_networks()  # addresses come and go (DHCP, failover)
         except FlooddError as exc:

@@ -23,13 +23,13 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from floodd.config import Network
+from floodd.config import MAX_DURATION, Network
 from floodd.errors import FlooddError
 
 DEFAULT_TOP = 20
 MAX_TOP = 10_000
 DEFAULT_BAN_TIME = 3600.0  # a manual ban lasts this long unless the request says otherwise
-MAX_BAN_TIME = 365 * 86400.0
+MAX_BAN_TIME = MAX_DURATION
 DEFAULT_REASON = "manual"
 MAX_REASON = 64  # characters; the reason is logged and kept in the kernel's comment
 MAX_SOURCE = 64  # characters: the longest IPv6 prefix written out is 43
