@@ -154,6 +154,25 @@ class FirewallConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    """How far floodd believes a packet's source address (UDP sources can be forged)."""
+
+    # Learn each source's usual TTL / hop limit; when a flood arrives with other values,
+    # ban only the traffic with other values.
+    hop_check: bool = True
+    # Sources (and prefixes) whose hop values are remembered, per key kind.
+    hop_capacity: int = 100_000
+    # A hop value seen this long before a flood is usual; a flood starting now cannot
+    # teach its own (at least the longest rule window).
+    hop_learn_after: float = 60.0
+    # What a ban decided on UDP evidence drops: udp, or all the protocols capture watches.
+    udp_evidence_bans: str = "udp"
+    # Fewest packets a rule that bans all of a source's queries (match all / malformed)
+    # may ban on.
+    min_whole_evidence: int = 100
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     tick: float = 1.0
     summary_interval: float = 60.0
@@ -168,7 +187,7 @@ DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     {"name": "query-flood", "match": "all", "aggregate": "source", "threshold": 5000,
      "window": 10, "ban_time": 600, "action": "ban"},
     {"name": "any-queries", "match": "ANY", "aggregate": "source", "threshold": 4,
-     "window": 60, "ban_time": 3600, "action": "ban"},
+     "window": 60, "ban_time": 600, "action": "ban"},
     {"name": "prefix-flood", "match": "all", "aggregate": "prefix", "prefix_v4": 24,
      "prefix_v6": 64, "threshold": 20000, "window": 10, "ban_time": 600, "action": "ban"},
     {"name": "rotating-any", "match": "ANY", "aggregate": "source", "threshold": 1,
@@ -184,6 +203,7 @@ class Config:
     whitelist: tuple[Network, ...] = ()
     rules: tuple[Rule, ...] = ()
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     def settings(self) -> dict[str, Any]:
@@ -407,7 +427,7 @@ def _is_multiple(value: float, step: float) -> bool:
     return abs(ratio - round(ratio)) < 1e-9
 
 
-_TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "daemon"}
+_TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "trust", "daemon"}
 
 
 def build_config(data: object, source: str = BUILTIN) -> Config:
@@ -473,6 +493,33 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
         on_exit=fw.choice("on_exit", d_fw.on_exit, ("keep", "flush")),
     )
 
+    tr = top.section("trust")
+    tr.check_keys({f.name for f in fields(TrustConfig)})
+    d_tr = TrustConfig()
+    trust = TrustConfig(
+        hop_check=tr.boolean("hop_check", d_tr.hop_check),
+        hop_capacity=tr.int("hop_capacity", d_tr.hop_capacity, 100, 10_000_000),
+        hop_learn_after=tr.duration("hop_learn_after", d_tr.hop_learn_after, hi=86400.0),
+        udp_evidence_bans=tr.choice("udp_evidence_bans", d_tr.udp_evidence_bans,
+                                    ("udp", "all")),
+        min_whole_evidence=tr.int("min_whole_evidence", d_tr.min_whole_evidence, 1, 2**31),
+    )
+    longest = max((rule.window for rule in rules), default=0.0)
+    if trust.hop_check and trust.hop_learn_after < longest:
+        raise ConfigError(source, "trust.hop_learn_after",
+                          f"expected at least the longest rule window ({longest:g} s), so "
+                          f"that a flood cannot teach its own hop values, got "
+                          f"{trust.hop_learn_after:g}")
+    for i, rule in enumerate(rules):
+        if rule.action == "ban" and rule.qtype is None and \
+                rule.threshold < trust.min_whole_evidence:
+            raise ConfigError(source, f"rules[{i}].threshold",
+                              f"expected at least trust.min_whole_evidence "
+                              f"({trust.min_whole_evidence}): a rule with match "
+                              f"{rule.match} bans all of a source's queries, which forged "
+                              f"packets must not get on a handful of packets; got "
+                              f"{rule.threshold}")
+
     dm = top.section("daemon")
     dm.check_keys({f.name for f in fields(DaemonConfig)})
     d_dm = DaemonConfig()
@@ -492,7 +539,7 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
                               f"expected at least twice firewall.rescan_interval "
                               f"({shortest:g} s), got {rule.ban_time:g}")
     return Config(source=source, capture=capture, rate_table=rate_table, whitelist=whitelist,
-                  rules=rules, firewall=firewall, daemon=daemon)
+                  rules=rules, firewall=firewall, trust=trust, daemon=daemon)
 
 
 def default_config() -> Config:

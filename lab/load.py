@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import yaml
 
@@ -354,6 +355,10 @@ class Replay:
                                     start_new_session=True)
         return self
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def wait(self) -> ReplayReport:
         assert self._proc is not None, "start() first"
         try:
@@ -369,45 +374,244 @@ class Replay:
 
 
 # --- the kernel firewall ---------------------------------------------------------------
-@dataclass(frozen=True)
-class KernelBan:
-    source: str  # an address, or a prefix such as 198.51.100.0/24
-    packets: int  # dropped so far
-    rule: str  # from the element's comment ("" when it has none)
-
+# floodd's nftables sets by what an element drops (floodd.enforce.firewall.nftables): the
+# DNS traffic of an address or prefix; its UDP; its UDP at some TTL / hop-limit values
+# (``saddr . ttl`` elements); its UDP queries of one type at some hop values (``saddr .
+# ttl . @th,160,24``: the root label and the qtype).  A gate set lists the sources that
+# have a qtype ban: it drops nothing itself.  Any other set is taken as dropping all.
+UDP_SETS = frozenset({"udp4", "udp6", "udp4net", "udp6net"})
+HOP_SETS = frozenset({"hop4", "hop6"})
+QTYPE_SETS = frozenset({"qtype4", "qtype6"})
+GATE_SETS = frozenset({"qgate4", "qgate6"})
+ALL_HOPS = (0, 255)
 
 _RULE_IN_COMMENT = re.compile(r"\brule=(.*)$")
+_SCOPE_IN_COMMENT = re.compile(r"\bscope=(\S+)")
+
+
+def _comment_rule(comment: str) -> str:
+    m = _RULE_IN_COMMENT.search(comment)
+    return m.group(1) if m else ""
+
+
+def _comment_scope(comment: str) -> str:
+    """The scope a ban comment names; ``all`` when it names none (a whole-source ban)."""
+    m = _SCOPE_IN_COMMENT.search(comment)
+    return m.group(1) if m else "all"
+
+
+def _covers(network: str, address: str) -> bool:
+    """Whether ``network`` (an address, a prefix or a range ``a-b``) holds ``address``."""
+    addr = ipaddress.ip_address(address)
+    if "-" in network:
+        low, high = (ipaddress.ip_address(a) for a in network.split("-"))
+        return low.version == addr.version and int(low) <= int(addr) <= int(high)
+    return addr in ipaddress.ip_network(network, strict=False)
+
+
+@dataclass(frozen=True)
+class KernelElement:
+    """One element of one of floodd's nftables sets, as the kernel lists it."""
+
+    set: str
+    source: str  # an address, a prefix (198.51.100.0/24) or a range (a-b)
+    hops: tuple[int, int] = ALL_HOPS  # the TTL / hop-limit values it matches, inclusive
+    qtype: int | None = None  # the question type it matches (qtype sets)
+    packets: int = 0  # dropped so far
+    comment: str = ""
+
+    @property
+    def rule(self) -> str:
+        return _comment_rule(self.comment)
+
+    @property
+    def scope(self) -> str:
+        return _comment_scope(self.comment)
+
+    def drops(self, address: str, *, hop: int, qtype: int, udp: bool = True) -> bool:
+        """Whether this element drops a DNS query from ``address`` arriving with that
+        TTL / hop limit, of that type, over UDP (else TCP)."""
+        if self.set in GATE_SETS or not _covers(self.source, address):
+            return False
+        if self.set not in UDP_SETS | HOP_SETS | QTYPE_SETS:
+            return True
+        return udp and self.hops[0] <= hop <= self.hops[1] \
+            and (self.qtype is None or self.qtype == qtype)
+
+
+def _nft_network(val: Any) -> str:
+    """An address, ``{"prefix": {"addr", "len"}}`` or ``{"range": [a, b]}`` as text."""
+    if isinstance(val, dict) and "prefix" in val:
+        return f"{val['prefix']['addr']}/{val['prefix']['len']}"
+    if isinstance(val, dict) and "range" in val:
+        return "-".join(str(v) for v in val["range"])
+    return str(val)
+
+
+def _nft_range(val: Any) -> tuple[int, int]:
+    """An integer or ``{"range": [low, high]}`` as an inclusive range."""
+    if isinstance(val, dict) and "range" in val:
+        low, high = val["range"]
+        return int(low), int(high)
+    return int(val), int(val)
+
+
+def parse_nft_elements(data: Any) -> list[KernelElement]:
+    """Every set element of an ``nft -j list table`` listing (libnftables-json(5)): a plain
+    value, or ``{"elem": {"val": V, "counter": {"packets", "bytes"}, "comment": ...}}``
+    where V is an address, ``{"prefix": ...}``, ``{"range": ...}`` or, for concatenated
+    keys, ``{"concat": [network, hop value or range, (payload)]}``."""
+    out = []
+    for obj in data.get("nftables", ()):
+        found = obj.get("set", {})
+        for item in found.get("elem", ()):
+            elem = item["elem"] if isinstance(item, dict) and "elem" in item else {"val": item}
+            val = elem["val"]
+            hops, qtype = ALL_HOPS, None
+            if isinstance(val, dict) and "concat" in val:
+                parts = val["concat"]
+                val = parts[0]
+                if len(parts) > 1:
+                    hops = _nft_range(parts[1])
+                if len(parts) > 2:
+                    # 24 bits: the question name's root label (0) and the qtype.
+                    raw = parts[2]
+                    qtype = (int(raw, 0) if isinstance(raw, str) else int(raw)) & 0xFFFF
+            out.append(KernelElement(found.get("name", ""), _nft_network(val), hops, qtype,
+                                     int(elem.get("counter", {}).get("packets", 0)),
+                                     elem.get("comment", "")))
+    return out
+
+
+@dataclass(frozen=True)
+class KernelBan:
+    """What the kernel holds against one source: all its elements (or rules) together."""
+
+    source: str  # an address, or a prefix such as 198.51.100.0/24
+    packets: int  # dropped so far
+    rule: str  # from the comments ("" when none); several bans: "any-queries + query-flood"
+    scope: str = "all"  # from the comments, as floodd.scope.Scope.text() writes it
+
+
+def merge_bans(parts: Iterable[tuple[str, int, str]]) -> dict[str, KernelBan]:
+    """(source, packets, comment) of elements or rules -> one :class:`KernelBan` per source:
+    packets summed, the distinct rules and scopes in listing order."""
+    found: dict[str, tuple[int, list[str], list[str]]] = {}
+    for source, count, comment in parts:
+        total, rules, scopes = found.get(source, (0, [], []))
+        for values, value in ((rules, _comment_rule(comment)), (scopes, _comment_scope(comment))):
+            if value not in values:
+                values.append(value)
+        found[source] = (total + count, rules, scopes)
+    return {source: KernelBan(source, total, " + ".join(rules), " + ".join(scopes))
+            for source, (total, rules, scopes) in found.items()}
 
 
 def parse_nft_bans(data: Any) -> dict[str, KernelBan]:
-    """Every set element of an ``nft -j list table`` listing (libnftables-json(5)): a
-    plain value, or ``{"elem": {"val": ADDR | {"prefix": {"addr", "len"}}, "counter":
-    {"packets", "bytes"}, "comment": ...}}``."""
-    bans: dict[str, KernelBan] = {}
-    for obj in data.get("nftables", ()):
-        for item in obj.get("set", {}).get("elem", ()):
-            elem = item["elem"] if isinstance(item, dict) and "elem" in item else {"val": item}
-            val = elem["val"]
-            if isinstance(val, dict) and "prefix" in val:
-                source = f"{val['prefix']['addr']}/{val['prefix']['len']}"
-            else:
-                source = str(val)
-            m = _RULE_IN_COMMENT.search(elem.get("comment", ""))
-            bans[source] = KernelBan(source, int(elem.get("counter", {}).get("packets", 0)),
-                                     m.group(1) if m else "")
-    return bans
+    """The bans of an ``nft -j list table`` listing, one per source (gate sets left out)."""
+    return merge_bans((e.source, e.packets, e.comment) for e in parse_nft_elements(data)
+                      if e.set not in GATE_SETS)
+
+
+def _nft_listing(lab: Lab) -> Any:
+    """``nft -j list table inet floodd`` in the server namespace; None without the table."""
+    proc = lab.run(lab.server_ns, ["nft", "-j", "list", "table", "inet", FLOODD_TABLE],
+                   check=False, text=True)
+    if proc.returncode != 0:
+        if "No such file" in proc.stderr:
+            return None
+        raise RuntimeError(f"nft list table inet {FLOODD_TABLE}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def kernel_elements(lab: Lab) -> list[KernelElement]:
+    """The elements of the server namespace's ``inet floodd`` sets, read from the kernel
+    with nft; empty when the table does not exist."""
+    listing = _nft_listing(lab)
+    return [] if listing is None else parse_nft_elements(listing)
 
 
 def kernel_bans(lab: Lab) -> dict[str, KernelBan]:
     """The bans in the server namespace's ``inet floodd`` table, read from the kernel with
     nft; empty when the table does not exist."""
-    proc = lab.run(lab.server_ns, ["nft", "-j", "list", "table", "inet", FLOODD_TABLE],
-                   check=False, text=True)
-    if proc.returncode != 0:
-        if "No such file" in proc.stderr:
-            return {}
-        raise RuntimeError(f"nft list table inet {FLOODD_TABLE}: {proc.stderr.strip()}")
-    return parse_nft_bans(json.loads(proc.stdout))
+    listing = _nft_listing(lab)
+    return {} if listing is None else parse_nft_bans(listing)
+
+
+@dataclass(frozen=True)
+class IptablesBan:
+    """One rule of floodd's iptables chain (floodd.enforce.firewall.iptables), as
+    ``iptables-legacy-save -c`` prints it."""
+
+    source: str  # as in KernelBan: an address (no /32, /128) or a prefix
+    udp_only: bool  # -p udp
+    except_hops: tuple[int, ...]  # -m ttl ! --ttl-eq H / -m hl ! --hl-eq H
+    qtype: int | None  # -m string --hex-string "|00 QQQQ 0001|": root label, qtype, IN
+    packets: int
+    comment: str
+
+    def drops(self, address: str, *, hop: int, qtype: int, udp: bool = True) -> bool:
+        """As :meth:`KernelElement.drops`."""
+        if not _covers(self.source, address):
+            return False
+        return (udp or not self.udp_only) and hop not in self.except_hops \
+            and (self.qtype is None or self.qtype == qtype)
+
+
+_QUESTION_TAIL = re.compile(r"^00([0-9a-f]{4})0001$")
+
+
+def parse_iptables_save(text: str, chain: str = "FLOODD") -> list[IptablesBan]:
+    """The rules of ``chain`` in ``iptables-legacy-save -c`` output: lines such as
+    ``[12:720] -A FLOODD -s 198.51.100.7/32 -p udp -m ttl ! --ttl-eq 64 -m comment
+    --comment "floodd ..." -j DROP``."""
+    out = []
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if len(words) < 3 or words[1:3] != ["-A", chain]:
+            continue
+        packets = int(words[0].strip("[]").split(":")[0])
+        opts: dict[str, str] = {}
+        hops: list[int] = []
+        negated = False
+        for word, value in zip(words[3:], words[4:] + [""]):
+            if word == "!":
+                negated = True
+                continue
+            if word in ("--ttl-eq", "--hl-eq"):
+                if not negated:
+                    raise ValueError(f"floodd writes no positive TTL match: {line}")
+                hops.append(int(value))
+            elif word.startswith("-"):
+                opts[word] = value
+            negated = False
+        if "-s" not in opts:
+            continue  # not a ban
+        source = opts["-s"].removesuffix("/32").removesuffix("/128")
+        qtype = None
+        if "--hex-string" in opts:
+            m = _QUESTION_TAIL.match(opts["--hex-string"].strip("|").replace(" ", "").lower())
+            if m is None:
+                raise ValueError(f"not a question match: {line}")
+            qtype = int(m.group(1), 16)
+        out.append(IptablesBan(source, opts.get("-p") == "udp", tuple(sorted(hops)), qtype,
+                               packets, opts.get("--comment", "")))
+    return out
+
+
+def iptables_rules(lab: Lab) -> list[IptablesBan]:
+    """floodd's iptables and ip6tables ban rules in the server namespace (legacy tables,
+    where floodd's iptables backend writes)."""
+    rules = []
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        rules += parse_iptables_save(lab.run(lab.server_ns, [tool, "-c", "-t", "filter"],
+                                             text=True).stdout)
+    return rules
+
+
+def iptables_bans(lab: Lab) -> dict[str, KernelBan]:
+    """As :func:`kernel_bans`, from floodd's iptables rules."""
+    return merge_bans((r.source, r.packets, r.comment) for r in iptables_rules(lab))
 
 
 def delete_table(lab: Lab) -> None:
@@ -416,12 +620,14 @@ def delete_table(lab: Lab) -> None:
 
 
 class BanWatcher:
-    """Polls :func:`kernel_bans` in a thread: when each ban first appeared, how it last
-    looked (``seen``: rule, dropped packets) and the most bans at once.  Stops by itself
-    after ``limit`` seconds."""
+    """Polls :func:`kernel_bans` (or ``read``, e.g. :func:`iptables_bans`) in a thread: when
+    each ban first appeared, how it last looked (``seen``: rule, dropped packets) and the
+    most bans at once.  Stops by itself after ``limit`` seconds."""
 
-    def __init__(self, lab: Lab, interval: float = 0.1, limit: float = 300.0) -> None:
+    def __init__(self, lab: Lab, interval: float = 0.1, limit: float = 300.0,
+                 read: Callable[[Lab], dict[str, KernelBan]] = kernel_bans) -> None:
         self.lab = lab
+        self.read = read
         self.interval = interval
         self.limit = limit
         self.first_seen: dict[str, float] = {}
@@ -439,7 +645,7 @@ class BanWatcher:
         deadline = time.monotonic() + self.limit
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                bans = kernel_bans(self.lab)
+                bans = self.read(self.lab)
             except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
                 self.error = str(exc)
                 bans = {}
@@ -467,18 +673,24 @@ class BanWatcher:
 
 
 class ReplyCounter:
-    """Counts the DNS replies the server sends to ``network`` (spoofed sources): an
-    nftables counter in the client namespace, where those replies are routed and die.
-    What a flood got out of the server, whatever floodd thinks."""
+    """Counts the DNS replies the server sends to ``network`` (spoofed sources; None: any
+    address) and, with ``ports``, to those destination ports only (the source ports of
+    forged queries): an nftables counter in the client namespace, where those replies are
+    routed and die.  What a flood got out of the server, whatever floodd thinks."""
 
     table = "floodd_lab"
 
-    def __init__(self, lab: Lab, network: str = str(SPOOF_NETWORK)) -> None:
+    def __init__(self, lab: Lab, network: str | None = str(SPOOF_NETWORK), *,
+                 ports: tuple[int, int] | None = None) -> None:
         self.lab = lab
-        family = "ip6" if ":" in network else "ip"
+        match = "meta l4proto udp udp sport 53"
+        if network is not None:
+            match += f" {'ip6' if ':' in network else 'ip'} daddr {network}"
+        if ports is not None:
+            match += f" udp dport {ports[0]}-{ports[1]}"
         self.script = (f"table inet {self.table} {{\n chain replies {{\n"
                        f"  type filter hook prerouting priority raw; policy accept;\n"
-                       f"  {family} daddr {network} udp sport 53 counter\n }}\n}}\n")
+                       f"  {match} counter\n }}\n}}\n")
 
     def __enter__(self) -> ReplyCounter:
         self.lab.run(self.lab.client_ns, ["nft", "-f", "-"], input=self.script.encode())

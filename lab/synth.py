@@ -96,8 +96,9 @@ def _pseudo_header(src: str, dst: str, proto: int, length: int) -> bytes:
 
 def ip_packet(src: str, dst: str, proto: int, payload: bytes, *, ident: int = 0,
               ttl: int = 64, ext: Sequence[int] = ()) -> bytes:
-    """An IPv4 or IPv6 packet; ``ext`` (IPv6 only) inserts empty extension headers
-    of these types (0 hop-by-hop, 43 routing, 60 destination options) before it."""
+    """An IPv4 or IPv6 packet (``ttl``: the IPv4 TTL or IPv6 hop limit); ``ext`` (IPv6
+    only) inserts empty extension headers of these types (0 hop-by-hop, 43 routing, 60
+    destination options) before it."""
     s, d = _address(src), _address(dst)
     if s.version != d.version:
         raise ValueError(f"{src} and {dst} are not of the same IP version")
@@ -119,13 +120,14 @@ def ip_packet(src: str, dst: str, proto: int, payload: bytes, *, ident: int = 0,
 
 
 def udp_datagram(src: str, dst: str, payload: bytes, sport: int, dport: int = 53, *,
-                 ident: int = 0, ext: Sequence[int] = ()) -> bytes:
-    """An IP packet carrying a UDP datagram, both checksums set."""
+                 ident: int = 0, ttl: int = 64, ext: Sequence[int] = ()) -> bytes:
+    """An IP packet carrying a UDP datagram, both checksums set; ``ttl`` is the IPv4 TTL
+    or the IPv6 hop limit."""
     length = 8 + len(payload)
     udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
     csum = _checksum(_pseudo_header(src, dst, UDP, length) + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
-    return ip_packet(src, dst, UDP, udp, ident=ident, ext=ext)
+    return ip_packet(src, dst, UDP, udp, ident=ident, ttl=ttl, ext=ext)
 
 
 def tcp_segment(src: str, dst: str, payload: bytes, sport: int, dport: int = 53, *,

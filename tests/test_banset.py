@@ -31,6 +31,7 @@ from floodd.enforce.firewall.base import Ban
 from floodd.enforce.firewall.dryrun import DryRunBackend
 from floodd.enforce.firewall.nftables import NftablesBackend
 from floodd.config import Network
+from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 
 net = ipaddress.ip_network
 T0 = 1_700_000_000.0
@@ -62,13 +63,17 @@ def dry_run(clock: Clock, firewall: FirewallConfig = FW) -> tuple[BanSet, DryRun
     return bans, backend
 
 
+def banned_networks(bans: BanSet) -> set[Network]:
+    return {t.network for t in bans.targets()}
+
+
 # --- on the dry-run backend, with an injected clock ---------------------------------------
 def rescan_until(bans: BanSet, clock: Clock, network: Network, until: float) -> float | None:
     """Rescan every 60 s up to ``until`` (monotonic); when ``network`` was unbanned."""
     while clock.mono < until:
         clock.mono += 60
         bans.rescan(clock())
-        if network not in bans:
+        if Target(network, WHOLE) not in bans:
             return clock.mono
     return None
 
@@ -97,9 +102,9 @@ def test_bans_found_in_the_kernel_are_in_the_one_ban_set() -> None:
     clock.mono += 60
     done = bans.rescan(clock())
     assert done is not None and [ib.network for ib in done.adopted] == [B]
-    assert len(bans) == 2 and set(bans.networks()) == {A, B}  # the status count, max_bans
+    assert len(bans) == 2 and banned_networks(bans) == {A, B}  # the status count, max_bans
     assert bans.addresses == {A.network_address.packed, B.network_address.packed}
-    assert set(bans.unban(clock(), None)) == {A, B}
+    assert {t.network for t in bans.unban(clock(), None)} == {A, B}
     assert backend.list() == [] and len(bans) == 0
 
 
@@ -108,8 +113,24 @@ def test_unban_all_removes_what_the_kernel_holds_right_now() -> None:
     bans, backend = dry_run(clock)
     backend.ban([Ban(C, "manual", clock().wall, clock().wall + 60)])  # no rescan since
     backend.commit()
-    assert bans.unban(clock(), None) == (C,)
+    assert bans.unban(clock(), None) == (Target(C, WHOLE),)
     assert backend.list() == []
+
+
+def test_one_network_holds_bans_of_several_scopes_and_unban_removes_them_all() -> None:
+    clock = Clock()
+    bans, backend = dry_run(clock)
+    any_only, forged = Scope(True, 255), Scope(True, None, (64,))
+    done = bans.ban(clock(), [NewBan(A, "any-queries", 600, any_only),
+                              NewBan(A, "query-flood", 600, forged)])
+    assert {b.target for b in done.added} == {Target(A, any_only), Target(A, forged)}
+    assert len(bans) == 2 and banned_networks(bans) == {A}
+    # the real client's traffic still flows: the capture keeps counting it
+    assert bans.addresses == frozenset()
+    bans.ban(clock(), [NewBan(B, "query-flood", 600, UDP_ONLY)])
+    assert bans.addresses == {B.network_address.packed}
+    assert set(bans.unban(clock(), [A])) == {Target(A, any_only), Target(A, forged)}
+    assert {ib.target for ib in backend.list()} == {Target(B, UDP_ONLY)}
 
 
 def test_listing_shows_the_deadline_in_unix_time_now() -> None:
@@ -176,12 +197,12 @@ def test_a_failed_nftables_batch_leaves_the_mirror_equal_to_the_kernel(
         in_server(bans.ban, clock(), [NewBan(B, "manual", 600), NewBan(C, "manual", 600)])
     assert str(exc.value) == ("nft -f - failed: Error: failing on purpose (floodd test); the "
                               "bans were read back from the firewall (1 bans)")
-    assert kernel(lab, nft) == set(bans.networks()) == {A}
+    assert kernel(lab, nft) == banned_networks(bans) == {A}
     assert bans.addresses == {A.network_address.packed}
     nft.heal()
     # The failed bans are not applied by a later, unrelated commit.
     in_server(bans.ban, clock(), [NewBan(C, "query-flood", 600)])
-    assert kernel(lab, nft) == set(bans.networks()) == {A, C}
+    assert kernel(lab, nft) == banned_networks(bans) == {A, C}
 
 
 def test_a_failed_extension_is_made_again_before_the_kernel_ends_the_ban(
@@ -220,13 +241,13 @@ def test_a_repair_that_fails_is_made_at_the_next_rescan_unless_unbanned(
     clock.mono += 1
     with pytest.raises(BanFailure):
         in_server(bans.rescan, clock())  # the repair fails
-    assert kernel(lab, nft) == set(bans.networks()) == set()
+    assert kernel(lab, nft) == banned_networks(bans) == set()
     assert in_server(bans.unban, clock(), [B]) == ()  # not in the kernel; not to come back
     nft.heal()
     clock.mono += 1
     done = in_server(bans.rescan, clock())
     assert done is not None and [b.network for b in done.restored] == [A]
-    assert kernel(lab, nft) == set(bans.networks()) == {A}
+    assert kernel(lab, nft) == banned_networks(bans) == {A}
 
 
 def test_a_prefix_inside_a_banned_prefix_is_not_in_the_mirror(
@@ -235,11 +256,12 @@ def test_a_prefix_inside_a_banned_prefix_is_not_in_the_mirror(
     bans, clock = nft_bans
     in_server(bans.ban, clock(), [NewBan(WIDE, "manual", 600)])
     done = in_server(bans.ban, clock(), [NewBan(INSIDE, "manual", 600)])
-    assert done.added == () and INSIDE not in bans and bans.holder(INSIDE) == WIDE
+    assert done.added == () and Target(INSIDE, WHOLE) not in bans
+    assert bans.holder(INSIDE) == WIDE
     clock.mono += 1
     rescan = in_server(bans.rescan, clock())
     assert rescan is not None and rescan.restored == ()  # nothing to repair
-    assert kernel(lab, nft) == set(bans.networks()) == {WIDE}
+    assert kernel(lab, nft) == banned_networks(bans) == {WIDE}
 
 
 def test_a_hung_nft_costs_one_timeout_then_the_firewall_is_left_alone(
@@ -271,7 +293,7 @@ def test_a_hung_nft_costs_one_timeout_then_the_firewall_is_left_alone(
     nft.heal()
     clock.mono += RETRY_AFTER / 2 + 1  # counted from the failure on
     in_server(bans.ban, clock(), [NewBan(C, "manual", 600)])  # read back first, then bans
-    assert kernel(lab, nft) == set(bans.networks()) == {A, C}
+    assert kernel(lab, nft) == banned_networks(bans) == {A, C}
 
 
 def test_a_failed_iptables_commit_leaves_the_mirror_equal_to_the_kernel(
@@ -296,5 +318,5 @@ def test_a_failed_iptables_commit_leaves_the_mirror_equal_to_the_kernel(
     clock.mono += RETRY_AFTER + 1
     in_server(bans.ban, clock(), [NewBan(C, "query-flood", 600)])
     listed = {ib.network for ib in in_server(bans.backend.list)}
-    assert listed == set(bans.networks()) == {A, C}  # B, which failed, never applied
+    assert listed == banned_networks(bans) == {A, C}  # B, which failed, never applied
     in_server(bans.flush)

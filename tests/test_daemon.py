@@ -623,8 +623,8 @@ def test_capture_worker_stamps_what_it_counts_with_the_monotonic_clock() -> None
     # is the monotonic one, read when the batch is counted.
     wall = time.time()
     src = bytes([198, 51, 100, 7])
-    batches = [Batch([(wall - 3600.0, src, 17, 1, 0)], 1, 0), Batch([], 0, 0),
-               Batch([(wall + 3600.0, src, 17, 1, 0)], 1, 0)]
+    batches = [Batch([(wall - 3600.0, src, 17, 1, 0, 64)], 1, 0), Batch([], 0, 0),
+               Batch([(wall + 3600.0, src, 17, 1, 0, 64)], 1, 0)]
     counted: list[tuple[float, Batch]] = []
     worker = CaptureWorker(_Batches(batches), "test",
                            lambda now, batch: counted.append((now, batch)))

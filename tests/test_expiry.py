@@ -15,6 +15,7 @@ from floodd.config import FirewallConfig
 from floodd.enforce.clock import Instant
 from floodd.enforce.expiry import BanTracker
 from floodd.enforce.firewall.base import Ban, InstalledBan
+from floodd.scope import WHOLE, Target
 
 T0 = 1_700_000_000.0
 HOUR = 3600.0
@@ -44,7 +45,7 @@ def run(tracker: BanTracker, ban: Ban, counts: dict[float, int], until: float,
     on.  Returns the ban at the end (None once it ended) and when it ended.
     """
     current: Ban | None = ban
-    deadline = tracker.deadline(ban.network)  # when the kernel ends it (monotonic)
+    deadline = tracker.deadline(ban.target)  # when the kernel ends it (monotonic)
     t = T0 + 60
     while t <= until:
         now = at(t, step)
@@ -63,7 +64,7 @@ def run(tracker: BanTracker, ban: Ban, counts: dict[float, int], until: float,
             current = extended
             deadline = now.to_mono(extended.expires)
         if current is not None and (d.unban or d.expired):
-            tracker.forget([NET])
+            tracker.forget([Target(NET, WHOLE)])
             return None, t
         t += 60
     return current, None
@@ -110,11 +111,11 @@ def test_decisions_are_proposals_until_applied() -> None:
     assert first.extend
     # The extension was not applied (the commit failed): the ban still ends at T0+600,
     # so the next rescan proposes it again, before the kernel would end it.
-    assert tracker.deadline(NET) == T0 + 600
+    assert tracker.deadline(Target(NET, WHOLE)) == T0 + 600
     again = tracker.observe(at(T0 + 540), [listing(ban, 30)])
     assert [b.expires for b in again.extend] == [T0 + 540 + 600]
     tracker.banned(at(T0 + 540), again.extend)
-    assert tracker.deadline(NET) == T0 + 540 + 600
+    assert tracker.deadline(Target(NET, WHOLE)) == T0 + 540 + 600
 
 
 def test_without_extend_active_an_active_ban_is_only_kept() -> None:
@@ -178,7 +179,7 @@ def test_bans_seen_first_in_a_listing_are_adopted() -> None:
     other = InstalledBan(PREFIX, "manual", T0, T0 + 3600, 0, 0)  # `floodd ban` elsewhere
     assert tracker.observe(at(T0 + 60), [other]).adopted == (other,)
     assert tracker.observe(at(T0 + 120), [other]) == tracker.observe(at(T0 + 180), [other])
-    assert len(tracker) == 1 and PREFIX in tracker
+    assert len(tracker) == 1 and Target(PREFIX, WHOLE) in tracker
 
 
 def test_the_mirror_becomes_the_listing() -> None:
@@ -193,7 +194,7 @@ def test_the_mirror_becomes_the_listing() -> None:
     assert tracker.observe(at(T0 + 180), []).vanished == ()
     tracker.banned(at(T0 + 180), [a])  # repaired
     assert tracker.observe(at(T0 + 240), [listing(a, 0)]).vanished == ()
-    tracker.forget([NET])  # the operator unbanned it
+    tracker.forget([Target(NET, WHOLE)])  # the operator unbanned it
     assert tracker.observe(at(T0 + 300), []).vanished == ()
 
 
@@ -257,13 +258,13 @@ def test_adoption_converts_once_and_prefers_the_kernels_time_left() -> None:
     kernel = InstalledBan(NET, "r", T0 + HOUR - 100, T0 + HOUR + 500, 0, 0, 500.0)
     iptables = InstalledBan(PREFIX, "r", T0 - 100, T0 + 500, 0, 0)  # no kernel timeout
     tracker.observe(at(T0), [kernel, iptables])
-    assert tracker.deadline(NET) == T0 + 500
-    assert tracker.deadline(PREFIX) == T0 + 500
+    assert tracker.deadline(Target(NET, WHOLE)) == T0 + 500
+    assert tracker.deadline(Target(PREFIX, WHOLE)) == T0 + 500
     # later listings with the wall clock an hour back: nothing moves
     tracker.observe(at(T0 + 60, -HOUR), [
         InstalledBan(NET, "r", T0 + HOUR - 100, T0 + HOUR + 500, 0, 0, 440.0), iptables])
-    assert tracker.deadline(NET) == T0 + 500
-    assert tracker.deadline(PREFIX) == T0 + 500
+    assert tracker.deadline(Target(NET, WHOLE)) == T0 + 500
+    assert tracker.deadline(Target(PREFIX, WHOLE)) == T0 + 500
 
 
 @given(st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=60),

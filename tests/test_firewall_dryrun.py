@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable
 
-from floodd.enforce.firewall.base import Ban, InstalledBan
+from floodd.enforce.firewall.base import Ban, Committed, InstalledBan
 from floodd.enforce.firewall.dryrun import DryRunBackend
+from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 
 net = ipaddress.ip_network
 T0 = 1_700_000_000.0
@@ -22,7 +23,7 @@ def test_dry_run_records_and_reports() -> None:
                  Ban(net("203.0.113.0/24"), "prefix-flood", T0, T0 + 60)])
     assert backend.list() == []  # buffered until commit
     backend.commit()
-    backend.unban([net("203.0.113.0/24"), net("192.0.2.9/32")])
+    backend.unban([Target(net("203.0.113.0/24"), WHOLE), Target(net("192.0.2.9/32"), WHOLE)])
     backend.commit()
     assert backend.list() == [InstalledBan(net("198.51.100.7/32"), "query-flood", T0,
                                            T0 + 600, 0, 0)]
@@ -34,6 +35,31 @@ def test_dry_run_records_and_reports() -> None:
         "dry run: would ban 203.0.113.0/24 for 60 s (prefix-flood)",
         "dry run: would unban 203.0.113.0/24",
         "dry run: would remove the firewall table and its 1 bans",
+    ]
+
+
+def test_dry_run_keeps_each_target() -> None:
+    """One network may hold several bans of different scopes; each is its own."""
+    said: list[str] = []
+    backend = DryRunBackend(log=said.append)
+    source = net("203.0.113.10/32")
+    any_queries = Ban(source, "any-queries", T0, T0 + 600, Scope(True, 255))
+    forged = Ban(source, "query-flood", T0, T0 + 60, Scope(True, None, (64,)))
+    backend.ban([any_queries, forged, Ban(source, "manual", T0, T0 + 60, UDP_ONLY)])
+    backend.unban([Target(source, UDP_ONLY), Target(source, WHOLE)])
+    assert backend.commit() == Committed((any_queries, forged), ())
+    assert {b.target: b.rule for b in backend.list()} == {
+        forged.target: "query-flood", any_queries.target: "any-queries"}
+    assert backend.list()[0] == InstalledBan(source, "any-queries", T0, T0 + 600, 0, 0,
+                                             scope=Scope(True, 255))
+    backend.unban([forged.target])
+    assert backend.commit() == Committed((), (forged.target,))
+    assert [b.target for b in backend.list()] == [any_queries.target]
+    assert said == [
+        "dry run: would ban 203.0.113.10/32 (UDP, ANY queries) for 600 s (any-queries)",
+        "dry run: would ban 203.0.113.10/32 (UDP, TTL/hop limit not 64) for 60 s "
+        "(query-flood)",
+        "dry run: would unban 203.0.113.10/32 (UDP, TTL/hop limit not 64)",
     ]
 
 

@@ -7,6 +7,7 @@ from floodd.config import build_config
 from floodd.detect.parse import Record
 from floodd.decide.policy import Offence, Offences, Trigger, ban_time, evaluate, plan
 from floodd.detect.traffic import Traffic
+from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 
 net = ipaddress.ip_network
 
@@ -16,7 +17,7 @@ def addr(text: str) -> bytes:
 
 
 def feed(t: Traffic, now: float, src: str, n: int, qtype: int = 1) -> None:
-    records: list[Record] = [(now, addr(src), 17, qtype, 0)] * n
+    records: list[Record] = [(now, addr(src), 17, qtype, 0, 64)] * n
     t.add_batch(now, records)
 
 
@@ -37,7 +38,7 @@ def test_per_source_qtype_and_prefix_rules() -> None:
     feed(t, 100.0, "198.51.100.8", 100)      # not over flood; over watch
     feed(t, 100.0, "198.51.100.9", 60)       # the /24 now has 261 > 250
     feed(t, 100.0, "203.0.113.5", 5, 255)    # 5 ANY > 4
-    got = {(x.rule, str(x.network), x.count) for x in evaluate(100.5, t, config.rules)}
+    got = {(x.rule, str(x.network), x.count) for x in evaluate(100.5, t, config.rules, config.trust)}
     assert got == {
         ("flood", "198.51.100.7/32", 101),
         ("watch", "198.51.100.7/32", 101), ("watch", "198.51.100.8/32", 100),
@@ -46,7 +47,7 @@ def test_per_source_qtype_and_prefix_rules() -> None:
         ("any", "203.0.113.5/32", 5),
     }
     # Eleven seconds later the 10 s rules have forgotten; the 60 s ANY rule has not.
-    got = {(x.rule, str(x.network)) for x in evaluate(111.0, t, config.rules)}
+    got = {(x.rule, str(x.network)) for x in evaluate(111.0, t, config.rules, config.trust)}
     assert got == {("any", "203.0.113.5/32")}
 
 
@@ -55,11 +56,11 @@ def test_rotating_guard_arms_only_above_the_total() -> None:
     t = Traffic(config)
     for i in range(20):                          # 20 sources x 2 ANY = 40 <= 50
         feed(t, 200.0, f"198.18.0.{i}", 2, 255)
-    assert not [x for x in evaluate(200.0, t, config.rules) if x.rule == "rotating"]
+    assert not [x for x in evaluate(200.0, t, config.rules, config.trust) if x.rule == "rotating"]
     for i in range(20, 30):                      # 60 in all > 50: armed
         feed(t, 200.0, f"198.18.0.{i}", 2, 255)
     feed(t, 200.0, "198.18.1.1", 1, 255)         # one ANY is not more than 1
-    hit = {str(x.network) for x in evaluate(200.0, t, config.rules) if x.rule == "rotating"}
+    hit = {str(x.network) for x in evaluate(200.0, t, config.rules, config.trust) if x.rule == "rotating"}
     assert hit == {f"198.18.0.{i}/32" for i in range(30)}
 
 
@@ -81,11 +82,11 @@ def run_daemon_like(config_rules: list[dict[str, object]], sources: dict[str, in
         records: list[Record] = []
         for src, rate in sources.items():
             due = math.floor((mono - start) * rate)
-            records += [(wall, addr(src), 17, 1, 0)] * (due - sent[src])
+            records += [(wall, addr(src), 17, 1, 0, 64)] * (due - sent[src])
             sent[src] = due
         t.add_batch(mono, records)
         if mono >= next_tick:
-            for x in evaluate(next_tick, t, config.rules):
+            for x in evaluate(next_tick, t, config.rules, config.trust):
                 fired[str(x.network.network_address)].append(round(next_tick - start, 2))
             next_tick += 1.0
     return fired
@@ -128,8 +129,9 @@ def test_wall_clock_steps_of_an_hour_neither_ban_a_quiet_client_nor_forget_a_flo
         assert flood[-1] >= 29
 
 
-def trig(src: str, rate: float = 100.0, action: str = "ban", rule: str = "flood") -> Trigger:
-    return Trigger(rule, action, net(src), int(rate * 10), 10.0, 600.0)
+def trig(src: str, rate: float = 100.0, action: str = "ban", rule: str = "flood",
+         scope: Scope = WHOLE) -> Trigger:
+    return Trigger(rule, action, net(src), int(rate * 10), 10.0, 600.0, scope=scope)
 
 
 def never(_: object) -> None:
@@ -143,7 +145,7 @@ def test_plan_safety_cap_dedup_and_order() -> None:
                 trig("203.0.113.7/32", 50, action="warn"),
                 trig("198.51.100.2/32", 300, rule="other"),
                 trig("198.18.5.5/32", 400)]
-    p = plan(0.0, triggers, [net("198.18.0.0/16")], protected.get, max_bans=3,
+    p = plan(0.0, triggers, [Target(net("198.18.0.0/16"), WHOLE)], protected.get, max_bans=3,
              offences={}, factor=2.0, cap=86400.0)
     assert [str(t.network) for t, _ in p.bans] == ["198.51.100.2/32", "203.0.113.9/32"]
     assert [str(t.network) for t in p.warnings] == ["203.0.113.7/32"]
@@ -162,6 +164,32 @@ def test_escalation_for_repeat_offenders() -> None:
     p = plan(1000.0, [t], [], never, 10, {net("198.51.100.1/32"): Offence(2, 999.0)},
              3.0, 86400.0)
     assert p.bans[0][1] == 5400.0
+    # UDP only still bans all of the source's queries: it escalates
+    assert ban_time(trig("198.51.100.1/32", scope=UDP_ONLY), Offence(1, 900.0), 1000.0,
+                    2.0, 86400.0) == 1200.0
+
+
+def test_bans_that_spare_part_of_a_source_do_not_escalate() -> None:
+    for scope in (Scope(True, 255), Scope(True, None, (64,))):
+        t = trig("198.51.100.1/32", scope=scope)
+        assert ban_time(t, Offence(3, 900.0), 1000.0, 2.0, 86400.0) == 600.0
+
+
+def test_a_ban_covers_the_narrower_ones_of_its_network_and_prefix() -> None:
+    any_only = Scope(True, 255)
+    forged = Scope(True, None, (64,))
+    banned = [Target(net("198.51.100.1/32"), any_only), Target(net("203.0.113.0/24"), UDP_ONLY)]
+    triggers = [trig("198.51.100.1/32", 300, scope=Scope(True, 255, (64,))),  # covered
+                trig("198.51.100.1/32", 200, scope=forged),  # not covered: another scope
+                trig("203.0.113.9/32", 200, scope=Scope(True, 255)),  # inside the /24
+                trig("203.0.113.9/32", 100, scope=WHOLE),  # TCP is not covered
+                trig("198.18.0.1/32", 90, scope=Scope(True, 255)),  # both in one tick:
+                trig("198.18.0.1/32", 80, scope=UDP_ONLY)]  # the wider is enough
+    p = plan(0.0, triggers, banned, never, max_bans=100, offences={}, factor=2.0,
+             cap=86400.0)
+    assert [t.target for t, _ in p.bans] == [
+        Target(net("198.51.100.1/32"), forged), Target(net("203.0.113.9/32"), WHOLE),
+        Target(net("198.18.0.1/32"), UDP_ONLY)]
 
 
 def test_offences_are_bounded_oldest_first_and_forgotten() -> None:

@@ -55,6 +55,17 @@ def test_udp_checksums(src: str, dst: str) -> None:
         assert udp_checksums_ok(packet)
 
 
+@pytest.mark.parametrize("src,dst", [("198.51.100.7", "192.0.2.1"),
+                                     ("2001:db8::7", "2001:db8::53")])
+def test_udp_datagram_ttl(src: str, dst: str) -> None:
+    default = synth.udp_datagram(src, dst, b"q", 40000)
+    forged = synth.udp_datagram(src, dst, b"q", 40000, ttl=50)
+    if ":" in src:
+        assert (dpkt.ip6.IP6(default).hlim, dpkt.ip6.IP6(forged).hlim) == (64, 50)
+    else:
+        assert (dpkt.ip.IP(default).ttl, dpkt.ip.IP(forged).ttl) == (64, 50)
+    assert udp_checksums_ok(forged)
+
 def test_tcp_segment_checksum() -> None:
     packet = synth.tcp_segment("198.51.100.7", "192.0.2.1", b"\x00\x05hello", 40000,
                                seq=2**32 - 1, flags=synth.TCP_PSH | synth.TCP_ACK)

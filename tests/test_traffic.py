@@ -14,8 +14,9 @@ S2 = ipaddress.ip_address("198.51.100.8").packed
 S6 = ipaddress.ip_address("2001:db8:1::7").packed
 
 
-def rec(ts: float, src: bytes, qtype: int = A, flags: int = 0, proto: int = 17) -> Record:
-    return (ts, src, proto, qtype, flags)
+def rec(ts: float, src: bytes, qtype: int = A, flags: int = 0, proto: int = 17,
+        hop: int = 64) -> Record:
+    return (ts, src, proto, qtype, flags, hop)
 
 
 def rule(config: Config, name: str) -> Rule:

@@ -2,8 +2,8 @@
 
 ``evaluate`` reads the rate tables at time ``now`` (the clock the tables are fed
 with) and returns one :class:`Trigger` per (rule, source or prefix) over its
-threshold.  What to do with a trigger (safety checks, the ban cap, escalation)
-is decided by the caller.
+threshold, with the scope its evidence allows (floodd.decide.trust).  ``plan``
+turns triggers into bans safely (safety checks, the ban cap, escalation).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from floodd.config import Network, Rule
+from floodd.config import Network, Rule, TrustConfig
+from floodd.decide.trust import Narrowing, ban_scope
 from floodd.detect.traffic import Traffic, address_network, prefix_network, rule_qtype, split_qtype_key
+from floodd.scope import WHOLE, Scope, Target
 
 
 @dataclass(frozen=True)
@@ -25,18 +27,27 @@ class Trigger:
     count: int  # matching packets in the rule's window (within one bucket, see ratetable)
     window: float
     ban_time: float
+    key: bytes = b""  # the table key: packed address, or packed prefix address
+    scope: Scope = WHOLE  # what a ban drops (ban triggers)
+    narrowing: Narrowing | None = None  # why usual hop values are spared, if they are
 
     @property
     def rate(self) -> float:
         """Packets per second over the rule's window."""
         return self.count / self.window
 
+    @property
+    def target(self) -> Target:
+        return Target(self.network, self.scope)
 
-def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule]) -> list[Trigger]:
+
+def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule],
+             trust: TrustConfig) -> list[Trigger]:
     """A trigger for every key counting more than a rule's threshold in its window.
 
     A rule with ``total_threshold`` is skipped unless all sources together count
-    more than that; a qtype rule reads only its own qtype's keys.
+    more than that; a qtype rule reads only its own qtype's keys.  A ban trigger
+    carries the scope its evidence allows (:func:`floodd.decide.trust.ban_scope`).
     """
     triggers: list[Trigger] = []
     for rule in rules:
@@ -49,14 +60,18 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule]) -> list[Trigge
             if rule.aggregate == "prefix":
                 network = prefix_network(key, rule.prefix_v4, rule.prefix_v6)
             elif qtype is not None:
-                src, key_qtype = split_qtype_key(key)
+                key, key_qtype = split_qtype_key(key)
                 if key_qtype != qtype:
                     continue
-                network = address_network(src)
+                network = address_network(key)
             else:
                 network = address_network(key)
+            scope, narrowing = WHOLE, None
+            if rule.action == "ban":
+                scope, narrowing = ban_scope(rule, count, traffic.evidence(now, rule, key),
+                                             trust)
             triggers.append(Trigger(rule.name, rule.action, network, count, rule.window,
-                                    rule.ban_time))
+                                    rule.ban_time, key, scope, narrowing))
     return triggers
 
 
@@ -158,45 +173,66 @@ def _network(key: bytes) -> Network:
 
 def ban_time(trigger: Trigger, offence: Offence | None, now: float, factor: float,
              cap: float) -> float:
-    """The rule's ban time, times ``factor`` per earlier ban still remembered, capped."""
+    """The rule's ban time, times ``factor`` per earlier ban still remembered, capped;
+    only bans of all of a source's queries (``Scope.whole_source``) escalate."""
     offence = remembered(offence, now, cap)
-    if offence is None:
+    if offence is None or not trigger.scope.whole_source:
         return min(trigger.ban_time, cap)
     return min(trigger.ban_time * factor ** offence.count, cap)
 
 
-def plan(now: float, triggers: Sequence[Trigger], banned: Sequence[Network],
+def covered(target: Target, banned: Mapping[Network, Sequence[Scope]],
+            prefixes: Sequence[Network]) -> bool:
+    """Whether a ban among ``banned`` (network -> scopes) already drops everything a ban of
+    ``target`` would: one of the same network or of a prefix holding it, of a scope that
+    covers the target's."""
+    net, scope = target
+    holders = [net] + [p for p in prefixes if p != net and net.version == p.version
+                       and net.subnet_of(p)]  # type: ignore[arg-type]
+    return any(s.covers(scope) for h in holders for s in banned.get(h, ()))
+
+
+def plan(now: float, triggers: Sequence[Trigger], banned: Sequence[Target],
          protected: Callable[[Network], str | None], max_bans: int,
          offences: Mapping[Network, Offence], factor: float, cap: float) -> Plan:
     """Turn triggers into bans, safely.
 
     Invariants: a protected network (whitelist, own addresses, loopback) is never
-    banned; a network already covered by a ban is not banned again; the number of
-    bans never exceeds ``max_bans`` (the highest rates are banned first); one
-    network is banned once per tick even if several rules fire.
+    banned; a trigger whose target an existing ban covers is not banned again; the
+    number of bans never exceeds ``max_bans`` (the highest rates are banned first);
+    of the triggers of one tick, none is banned that another chosen ban covers.
     """
     bans: list[tuple[Trigger, float]] = []
     warnings: list[Trigger] = []
     refused: list[Refusal] = []
-    current = set(banned)
-    prefixes = [n for n in banned if n.prefixlen < n.max_prefixlen]
-    room = max_bans - len(current)
+    current: dict[Network, list[Scope]] = {}
+    for net, scope in banned:
+        current.setdefault(net, []).append(scope)
+    prefixes = [n for n in current if n.prefixlen < n.max_prefixlen]
+    room = max_bans - len(banned)
     for trig in sorted(triggers, key=lambda t: -t.rate):
         if trig.action == "warn":
             warnings.append(trig)
             continue
-        net = trig.network
-        if net in current or any(net.version == p.version and net.subnet_of(p)  # type: ignore[arg-type]
-                                 for p in prefixes):
+        if covered(trig.target, current, prefixes):
             continue
-        reason = protected(net)
+        reason = protected(trig.network)
         if reason is not None:
             refused.append(Refusal(trig, reason))
             continue
         if room <= 0:
             refused.append(Refusal(trig, f"max_bans ({max_bans}) reached"))
             continue
-        bans.append((trig, ban_time(trig, offences.get(net), now, factor, cap)))
-        current.add(net)
+        bans.append((trig, ban_time(trig, offences.get(trig.network), now, factor, cap)))
+        current.setdefault(trig.network, []).append(trig.scope)
+        if trig.network.prefixlen < trig.network.max_prefixlen:
+            prefixes.append(trig.network)
         room -= 1
+    # a narrower ban chosen before a wider one of the same network is not needed
+    chosen: dict[Network, list[Scope]] = {}
+    for trig, _ in bans:
+        chosen.setdefault(trig.network, []).append(trig.scope)
+    bans = [(trig, seconds) for trig, seconds in bans
+            if not any(s != trig.scope and s.covers(trig.scope)
+                       for s in chosen[trig.network])]
     return Plan(bans, warnings, refused)

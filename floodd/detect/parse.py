@@ -2,19 +2,23 @@
 
 A record is a plain tuple, for speed on the per-packet path::
 
-    (ts, src, proto, qtype, flags)
+    (ts, src, proto, qtype, flags, hop)
 
 ``ts`` the capture time (float seconds: the frame's timestamp, or the clock a
 live capture passes to :meth:`Parser.parse_batch`), ``src`` the packed source
 address (4 bytes IPv4, 16 bytes IPv6), ``proto`` 17 (UDP) or 6 (TCP), ``qtype``
 the type of the first question or -1 when there is none, ``flags`` a
-combination of the ``F_*`` bits.
+combination of the ``F_*`` bits, ``hop`` the packet's IPv4 TTL or IPv6 hop limit
+as it arrived (malformed records too).  A datagram reassembled from fragments, or
+given up, carries the hop of its first fragment: the one at offset 0, which holds
+the transport header (of several copies, the latest).
 
 Counting rules:
 
 * Only packets *to* one of the DNS ports are counted; everything else (responses
   leaving the server, ARP, other ports) is ``ignored``.  Frames a Linux cooked
-  capture marks as sent by this host are ignored too.
+  capture marks as sent by this host are ignored too, except the server's TCP
+  SYN-ACKs (see the handshakes below): so are this host's own queries.
 * A packet to a DNS port that is not a well-formed query start is ``F_MALFORMED``
   with qtype -1: payload shorter than the 12-byte header, qdcount 0, a question
   name that runs off the end or is longer than 255 bytes, a reserved label type,
@@ -38,6 +42,22 @@ Counting rules:
   without ``F_EXTRA`` are exactly the packets, and the qtypes of all records are
   exactly the queries.  Segments of a connection whose SYN was not seen, or after
   out-of-order data (which ends the reassembly of that direction), have qtype -1.
+* TCP handshakes (RFC 9293 3.5): a SYN-ACK from a DNS port is the server's answer to
+  a client's SYN, its sequence number the server's initial one, s.  The first
+  segment of the client that acknowledges s + 1 (ACK set, no SYN or RST) completes
+  the handshake: only a client that received the SYN-ACK knows s, so a forged
+  source cannot.  That segment and every later one of the connection (client to
+  server, sequence number within ``VERIFY_WINDOW`` of the client's stream seen so
+  far) carry ``F_VERIFIED``, until the connection is silent for ``FLOW_TIMEOUT``
+  or a new handshake on the same addresses and ports completes.  A SYN-ACK gives
+  no record and is not ``ignored`` either: it counts in ``frames`` only.  Where a
+  Linux cooked capture marks the direction, only SYN-ACKs sent by this host count;
+  links without it (Ethernet, raw IP) take any SYN-ACK from a DNS port as the
+  server's (a live capture's kernel filter,
+  :func:`floodd.detect.capture.build_filter`, passes only outgoing ones).
+  Handshakes awaiting the client (``MAX_HANDSHAKES``) and verified connections
+  (``MAX_FLOWS``) are bounded apart: a flood of forged SYNs, each answered by a
+  SYN-ACK, pushes out pending handshakes only, never a verified connection.
 """
 
 from __future__ import annotations
@@ -51,8 +71,10 @@ from floodd.errors import FlooddError
 F_MALFORMED = 1  # not a well-formed DNS query start
 F_FRAGMENT = 2  # came from an IP fragment (reassembled or not)
 F_EXTRA = 4  # a further DNS message completed by the same TCP segment: not a packet
+F_VERIFIED = 8  # a TCP segment of a connection whose handshake the capture saw complete
 
-Record = tuple[float, bytes, int, int, int]
+Record = tuple[float, bytes, int, int, int, int]  # ts, src, proto, qtype, flags, hop
+_FlowKey = tuple[bytes, bytes, int, int]  # source, destination, source port, destination port
 _Append = Callable[[Record], None]
 
 LINKTYPE_ETHERNET = 1
@@ -104,6 +126,13 @@ FRAGMENT_TIMEOUT = 30.0
 MAX_FLOWS = 4096
 FLOW_TIMEOUT = 120.0
 MAX_EXTRA = 64  # F_EXTRA records for one segment; further messages are still skipped
+MAX_HANDSHAKES = 4096  # SYN-ACKs awaiting the client's ACK
+# A verified connection's client segments carry F_VERIFIED while their sequence
+# number lies this close to the client's stream seen so far (either side: behind
+# for a retransmission, ahead for segments the capture missed).  A client has far
+# less than this in flight; a forger who guessed the ports must also guess this.
+VERIFY_WINDOW = 1 << 20
+_SEQ = 0xFFFFFFFF  # sequence numbers are modulo 2**32
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -113,6 +142,7 @@ _TCP = struct.Struct("!HHIIBB")  # sport, dport, seq, ack, data offset, flags
 TCP_FIN = 0x01
 TCP_SYN = 0x02
 TCP_RST = 0x04
+TCP_ACK = 0x10
 
 _MALFORMED: tuple[int, int] = (-1, F_MALFORMED)
 
@@ -121,7 +151,8 @@ _MALFORMED: tuple[int, int] = (-1, F_MALFORMED)
 class Batch:
     records: list[Record]
     frames: int  # frames examined
-    ignored: int  # frames that are not queries to the DNS ports
+    # Frames that are neither queries to the DNS ports nor the server's SYN-ACKs.
+    ignored: int
 
 
 def question(buf: bytes, dns: int, end: int) -> tuple[int, int]:
@@ -184,7 +215,7 @@ class _Link:
 
     ``hot`` reads at once two link-layer fields (``a`` before ``b`` in the frame),
     the IPv4 header at ``ip`` assumed 20 bytes long, UDP and the DNS header:
-    (a, b, version/IHL, total length, fragment field, protocol, source,
+    (a, b, version/IHL, total length, fragment field, TTL, protocol, source,
     destination port, DNS flags, qdcount).
     """
 
@@ -197,7 +228,7 @@ class _Link:
             else:
                 fmt += f"{offset - pos}x{code}"
                 pos = offset + struct.calcsize("!" + code)
-        self.hot = struct.Struct(f"{fmt}{ip - pos}xBxH2xHxB2x4s4x2xH4x2xHH")
+        self.hot = struct.Struct(f"{fmt}{ip - pos}xBxH2xHBB2x4s4x2xH4x2xHH")
         self.a_ok = frozenset(a[2])
         self.b_ok = frozenset(b[2])
         self.ip = ip
@@ -220,11 +251,13 @@ _LINKS = {
 class _Datagram:
     """An IP datagram being reassembled from its fragments."""
 
-    __slots__ = ("ts", "src", "proto", "v6", "parts", "size", "total", "dns", "transport")
+    __slots__ = ("ts", "src", "proto", "v6", "parts", "size", "total", "dns", "transport",
+                 "hop")
 
     def __init__(self, ts: float, src: bytes, proto: int, v6: bool) -> None:
         self.ts = ts  # capture time of its first fragment seen
         self.src = src
+        self.hop = -1  # TTL / hop limit of the fragment at offset 0, once seen
         self.proto = proto  # IPv4 protocol, or the next header after the fragment header
         self.v6 = v6
         self.parts: dict[int, bytes] = {}  # fragment offset -> payload
@@ -254,6 +287,17 @@ class _Flow:
         self.pending: tuple[int, int] = _MALFORMED  # (qtype, flags) of the current message
 
 
+class _Handshake:
+    """A TCP connection from the server's SYN-ACK on, seen from the client's side."""
+
+    __slots__ = ("ts", "ack", "seq")
+
+    def __init__(self, ts: float, ack: int, seq: int) -> None:
+        self.ts = ts  # capture time of its last segment
+        self.ack = ack  # what the client acknowledges to complete it: the server's ISN + 1
+        self.seq = seq  # the client's next sequence number, past its stream seen so far
+
+
 class Parser:
     """Turns capture batches into records; keeps the fragment and TCP state between them."""
 
@@ -265,6 +309,9 @@ class Parser:
             raise FlooddError(f"unsupported link type {linktype} (supported: {known})")
         self.linktype = linktype
         self._link = link
+        # Whether the link marks the frames this host sent; without it, any SYN-ACK
+        # from a DNS port is taken as the server's.
+        self._directed = linktype in (LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2)
         protos = {p.lower() for p in protocols}
         ports = frozenset(ports)
         self._udp_ports = ports if "udp" in protos else frozenset()
@@ -276,7 +323,10 @@ class Parser:
         self._fragment_protos = (frozenset(transports), frozenset(transports | IPV6_EXT))
         self._datagrams: dict[tuple[bytes, bytes, int, int], _Datagram] = {}
         self._fragment_bytes = 0
-        self._flows: dict[tuple[bytes, bytes, int, int], _Flow] = {}
+        self._flows: dict[_FlowKey, _Flow] = {}
+        # Keyed by the client's direction, oldest (least recently seen) first.
+        self._syn_acks: dict[_FlowKey, _Handshake] = {}  # awaiting the client's ACK
+        self._verified: dict[_FlowKey, _Handshake] = {}
         self._now = 0.0  # capture time of the latest frame
 
     def parse_batch(self, data: bytes, meta: bytes, now: float | None = None) -> Batch:
@@ -308,7 +358,7 @@ class Parser:
                 # The fast path: a query over UDP/IPv4 with a 20-byte header, not a
                 # fragment, whose question name has no compression pointer.  Anything
                 # else goes the general way, which gives the same result.
-                a, b, vhl, totlen, frag, proto, src, dport, dflags, qd = hot(data, off)
+                a, b, vhl, totlen, frag, ttl, proto, src, dport, dflags, qd = hot(data, off)
                 if (vhl == 0x45 and proto == UDP and dport in ports and a in a_ok
                         and b in b_ok and not frag & 0x3FFF and not dflags & 0x8000 and qd):
                     ip_end = off + ip_off + totlen
@@ -322,7 +372,7 @@ class Parser:
                             break
                         p += n + 1
                     if p < stop and not data[p] and p + 5 <= ip_end:
-                        append((ts, src, UDP, (data[p + 1] << 8) | data[p + 2], 0))
+                        append((ts, src, UDP, (data[p + 1] << 8) | data[p + 2], 0, ttl))
                         continue
             if frame(ts, data, off, end, append):
                 ignored += 1
@@ -349,6 +399,8 @@ class Parser:
         for key in list(self._datagrams):
             self._drop_datagram(key, self._now, records.append)
         self._flows.clear()
+        self._syn_acks.clear()
+        self._verified.clear()
         return Batch(records, 0, 0)
 
     # The general path.  Each step returns True when the frame is ignored.
@@ -356,19 +408,22 @@ class Parser:
     def _frame(self, ts: float, data: bytes, off: int, end: int,
                out: _Append) -> bool:
         lt = self.linktype
+        outgoing = False
         if lt == LINKTYPE_ETHERNET:
             if off + 14 > end:
                 return True
             et = (data[off + 12] << 8) | data[off + 13]
             p = off + 14
         elif lt == LINKTYPE_LINUX_SLL:
-            if off + 16 > end or (data[off] << 8 | data[off + 1]) == PACKET_OUTGOING:
+            if off + 16 > end:
                 return True
+            outgoing = (data[off] << 8 | data[off + 1]) == PACKET_OUTGOING
             et = (data[off + 14] << 8) | data[off + 15]
             p = off + 16
         elif lt == LINKTYPE_LINUX_SLL2:
-            if off + 20 > end or data[off + 10] == PACKET_OUTGOING:
+            if off + 20 > end:
                 return True
+            outgoing = data[off + 10] == PACKET_OUTGOING
             et = (data[off] << 8) | data[off + 1]
             p = off + 20
         else:
@@ -382,12 +437,13 @@ class Parser:
             et = (data[p + 2] << 8) | data[p + 3]
             p += 4
         if et == ETH_IPV4:
-            return self._ipv4(ts, data, p, end, out)
+            return self._ipv4(ts, data, p, end, outgoing, out)
         if et == ETH_IPV6:
-            return self._ipv6(ts, data, p, end, out)
+            return self._ipv6(ts, data, p, end, outgoing, out)
         return True
 
-    def _ipv4(self, ts: float, data: bytes, ip: int, end: int, out: _Append) -> bool:
+    def _ipv4(self, ts: float, data: bytes, ip: int, end: int, outgoing: bool,
+              out: _Append) -> bool:
         if ip + 20 > end or data[ip] >> 4 != 4:
             return True
         ihl = (data[ip] & 0x0F) * 4
@@ -397,26 +453,31 @@ class Parser:
         if totlen >= ihl and ip + totlen < end:
             end = ip + totlen
         frag = (data[ip + 6] << 8) | data[ip + 7]
+        hop = data[ip + 8]
         proto = data[ip + 9]
         src = data[ip + 12:ip + 16]
         dst = data[ip + 16:ip + 20]
         if frag & 0x3FFF:
+            if outgoing:
+                return True  # a SYN-ACK is never fragmented
             ident = (data[ip + 4] << 8) | data[ip + 5]
             return self._fragment(ts, src, dst, ident, proto, False, (frag & 0x1FFF) * 8,
-                                  bool(frag & 0x2000), data[ip + ihl:end], out)
-        return self._transport(ts, src, dst, proto, data, ip + ihl, end, 0, out)
+                                  bool(frag & 0x2000), data[ip + ihl:end], hop, out)
+        return self._transport(ts, src, dst, proto, data, ip + ihl, end, 0, hop, outgoing, out)
 
-    def _ipv6(self, ts: float, data: bytes, ip: int, end: int, out: _Append) -> bool:
+    def _ipv6(self, ts: float, data: bytes, ip: int, end: int, outgoing: bool,
+              out: _Append) -> bool:
         if ip + 40 > end or data[ip] >> 4 != 6:
             return True
         plen = (data[ip + 4] << 8) | data[ip + 5]
         if plen and ip + 40 + plen < end:
             end = ip + 40 + plen
+        hop = data[ip + 7]
         src = data[ip + 8:ip + 24]
         dst = data[ip + 24:ip + 40]
         nh, p = _skip_ipv6_ext(data[ip + 6], data, ip + 40, end)
         if nh != IPV6_FRAGMENT:
-            return self._transport(ts, src, dst, nh, data, p, end, 0, out)
+            return self._transport(ts, src, dst, nh, data, p, end, 0, hop, outgoing, out)
         if p + 8 > end:
             return True
         nh = data[p]
@@ -424,21 +485,31 @@ class Parser:
         more = bool(data[p + 3] & 1)
         if not offset and not more:  # an atomic fragment: a whole datagram
             nh, p = _skip_ipv6_ext(nh, data, p + 8, end)
-            return self._transport(ts, src, dst, nh, data, p, end, 0, out)
+            return self._transport(ts, src, dst, nh, data, p, end, 0, hop, outgoing, out)
+        if outgoing:
+            return True  # a SYN-ACK is never fragmented
         ident = _U32.unpack_from(data, p + 4)[0]
-        return self._fragment(ts, src, dst, ident, nh, True, offset, more, data[p + 8:end], out)
+        return self._fragment(ts, src, dst, ident, nh, True, offset, more, data[p + 8:end],
+                              hop, out)
 
     def _transport(self, ts: float, src: bytes, dst: bytes, proto: int, data: bytes,
-                   l4: int, end: int, flags: int, out: _Append) -> bool:
+                   l4: int, end: int, flags: int, hop: int, outgoing: bool,
+                   out: _Append) -> bool:
         if l4 + 4 > end:
+            return True
+        if (proto == TCP and (outgoing or not self._directed)
+                and (data[l4] << 8 | data[l4 + 1]) in self._tcp_ports
+                and self._syn_ack(ts, src, dst, data, l4, end)):
+            return False
+        if outgoing:
             return True
         dport = (data[l4 + 2] << 8) | data[l4 + 3]
         if proto == UDP and dport in self._udp_ports:
             qtype, f = question(data, l4 + 8, end)
-            out((ts, src, UDP, qtype, f | flags))
+            out((ts, src, UDP, qtype, f | flags, hop))
             return False
         if proto == TCP and dport in self._tcp_ports:
-            self._tcp(ts, src, dst, data, l4, end, flags, out)
+            self._tcp(ts, src, dst, data, l4, end, flags, hop, out)
             return False
         return True
 
@@ -459,7 +530,7 @@ class Parser:
         return dgram.dns
 
     def _fragment(self, ts: float, src: bytes, dst: bytes, ident: int, proto: int, v6: bool,
-                  offset: int, more: bool, payload: bytes, out: _Append) -> bool:
+                  offset: int, more: bool, payload: bytes, hop: int, out: _Append) -> bool:
         if proto not in self._fragment_protos[v6]:
             return True
         key = (src, dst, ident, proto)
@@ -471,11 +542,13 @@ class Parser:
             dgram = self._datagrams[key] = _Datagram(ts, src, proto, v6)
         if dgram.dns is False:
             return True  # kept without its data, so that its other fragments are ignored
-        if offset == 0 and self._classify(dgram, payload) is False:
-            self._fragment_bytes -= dgram.size
-            dgram.parts.clear()
-            dgram.size = 0
-            return True
+        if offset == 0:
+            dgram.hop = hop
+            if self._classify(dgram, payload) is False:
+                self._fragment_bytes -= dgram.size
+                dgram.parts.clear()
+                dgram.size = 0
+                return True
         if not more:
             dgram.total = offset + len(payload)
         if len(dgram.parts) >= MAX_FRAGMENTS:
@@ -496,69 +569,116 @@ class Parser:
         del self._datagrams[key]
         self._fragment_bytes -= dgram.size
         nh, p = dgram.upper(whole)
-        return self._transport(ts, src, dst, nh, whole, p, len(whole), F_FRAGMENT, out)
+        return self._transport(ts, src, dst, nh, whole, p, len(whole), F_FRAGMENT, dgram.hop,
+                               False, out)
 
     def _drop_datagram(self, key: tuple[bytes, bytes, int, int], ts: float,
                        out: _Append) -> None:
         dgram = self._datagrams.pop(key)
         self._fragment_bytes -= dgram.size
-        if dgram.dns:
-            out((ts, dgram.src, dgram.transport, -1, F_FRAGMENT | F_MALFORMED))
+        if dgram.dns:  # its first fragment was seen: dgram.hop is known
+            out((ts, dgram.src, dgram.transport, -1, F_FRAGMENT | F_MALFORMED, dgram.hop))
 
     def _expire(self, now: float, out: _Append) -> None:
-        """Give up datagrams and TCP flows too old in capture time (oldest first)."""
+        """Give up datagrams, TCP flows and handshakes too old in capture time (oldest
+        first)."""
         datagrams = self._datagrams
         while datagrams:
             key = next(iter(datagrams))
             if datagrams[key].ts > now - FRAGMENT_TIMEOUT:
                 break
             self._drop_datagram(key, now, out)
-        flows = self._flows
-        while flows:
-            fkey = next(iter(flows))
-            if flows[fkey].ts > now - FLOW_TIMEOUT:
-                break
-            del flows[fkey]
+        for table in (self._flows, self._syn_acks, self._verified):
+            while table:
+                fkey = next(iter(table))
+                if table[fkey].ts > now - FLOW_TIMEOUT:
+                    break
+                del table[fkey]
+
+    def _syn_ack(self, ts: float, src: bytes, dst: bytes, data: bytes, l4: int,
+                 end: int) -> bool:
+        """Note the server's SYN-ACK from a DNS port (``src`` the server): whether the
+        segment is one."""
+        if l4 + 20 > end:
+            return False
+        sport, dport, seq, ack, _, tcp_flags = _TCP.unpack_from(data, l4)
+        if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK:
+            return False
+        key = (dst, src, dport, sport)  # the client's direction
+        pending = self._syn_acks
+        pending.pop(key, None)  # re-inserted last: the dict stays in age order
+        # It acknowledges the client's SYN: ``ack`` is the client's next sequence number.
+        pending[key] = _Handshake(ts, (seq + 1) & _SEQ, ack)
+        if len(pending) > MAX_HANDSHAKES:
+            del pending[next(iter(pending))]
+        return True
+
+    def _verify(self, ts: float, key: _FlowKey, seq: int, ack: int, tcp_flags: int,
+                length: int) -> int:
+        """F_VERIFIED when a client segment (``length`` bytes of data) completes its
+        connection's handshake or belongs to a verified connection, else 0."""
+        if tcp_flags & TCP_SYN:
+            return 0  # a connection (re)starting: its handshake is still to come
+        verified = self._verified
+        conn = self._syn_acks.get(key)
+        if (conn is not None and tcp_flags & (TCP_ACK | TCP_RST) == TCP_ACK
+                and ack == conn.ack):
+            del self._syn_acks[key]
+            verified.pop(key, None)  # an earlier connection on the same ports
+        else:
+            conn = verified.get(key)
+            if conn is None or (seq - conn.seq + VERIFY_WINDOW) & _SEQ >= 2 * VERIFY_WINDOW:
+                return 0
+            del verified[key]  # re-inserted last: the dict stays in LRU order
+        conn.ts = ts
+        after = (seq + length + (tcp_flags & TCP_FIN)) & _SEQ  # a FIN takes one number
+        if (after - conn.seq) & _SEQ < VERIFY_WINDOW:
+            conn.seq = after
+        verified[key] = conn
+        if len(verified) > MAX_FLOWS:
+            del verified[next(iter(verified))]
+        return F_VERIFIED
 
     def _tcp(self, ts: float, src: bytes, dst: bytes, data: bytes, l4: int, end: int,
-             flags: int, out: _Append) -> None:
+             flags: int, hop: int, out: _Append) -> None:
         if l4 + 20 > end:
-            out((ts, src, TCP, -1, flags | F_MALFORMED))
+            out((ts, src, TCP, -1, flags | F_MALFORMED, hop))
             return
-        sport, dport, seq, _, doff, tcp_flags = _TCP.unpack_from(data, l4)
+        sport, dport, seq, ack, doff, tcp_flags = _TCP.unpack_from(data, l4)
         doff = (doff >> 4) * 4
         if doff < 20 or l4 + doff > end:
-            out((ts, src, TCP, -1, flags | F_MALFORMED))
+            out((ts, src, TCP, -1, flags | F_MALFORMED, hop))
             return
         key = (src, dst, sport, dport)
+        flags |= self._verify(ts, key, seq, ack, tcp_flags, end - l4 - doff)
         flows = self._flows
         flow = flows.pop(key, None)  # re-inserted last: the dict stays in LRU order
         if tcp_flags & TCP_SYN:
-            flow = _Flow(ts, (seq + 1) & 0xFFFFFFFF)
+            flow = _Flow(ts, (seq + 1) & _SEQ)
             seq = flow.seq
         messages: list[tuple[int, int]] = []
         if flow is not None:
             flow.ts = ts
-            ahead = (seq - flow.seq) & 0xFFFFFFFF
+            ahead = (seq - flow.seq) & _SEQ
             if end > l4 + doff and ahead and ahead < 0x80000000:
                 flow = None  # a gap: this direction can no longer be followed
             elif end > l4 + doff:
-                behind = (0x100000000 - ahead) & 0xFFFFFFFF  # bytes already seen
+                behind = (0x100000000 - ahead) & _SEQ  # bytes already seen
                 start = l4 + doff + behind
                 if start < end:
                     messages = _feed(flow, data[start:end])
-                    flow.seq = (flow.seq + end - start) & 0xFFFFFFFF
+                    flow.seq = (flow.seq + end - start) & _SEQ
         if flow is not None and not tcp_flags & (TCP_FIN | TCP_RST):
             flows[key] = flow
             if len(flows) > MAX_FLOWS:
                 del flows[next(iter(flows))]
         if not messages:
-            out((ts, src, TCP, -1, flags))
+            out((ts, src, TCP, -1, flags, hop))
             return
         qtype, f = messages[0]
-        out((ts, src, TCP, qtype, f | flags))
+        out((ts, src, TCP, qtype, f | flags, hop))
         for qtype, f in messages[1:MAX_EXTRA + 1]:
-            out((ts, src, TCP, qtype, f | flags | F_EXTRA))
+            out((ts, src, TCP, qtype, f | flags | F_EXTRA, hop))
 
 
 def _feed(flow: _Flow, data: bytes) -> list[tuple[int, int]]:

@@ -43,6 +43,7 @@ from floodd.enforce.clock import Instant
 from floodd.enforce.expiry import EXPIRY_SLACK, BanTracker, Decisions
 from floodd.enforce.firewall.base import Backend, Ban, Committed, InstalledBan, Network
 from floodd.errors import Failure, FlooddError
+from floodd.scope import WHOLE, Scope, Target
 
 # Seconds floodd leaves a firewall alone after it could not be read.
 RETRY_AFTER = 10.0
@@ -63,11 +64,13 @@ class FirewallWaiting(BanFailure):
 
 @dataclass(frozen=True)
 class NewBan:
-    """A ban to make: ``network`` for ``seconds`` from now, shown with ``rule``."""
+    """A ban to make: ``network``'s traffic within ``scope``, for ``seconds`` from now,
+    shown with ``rule``."""
 
     network: Network
     rule: str  # the rule name or the operator's reason
     seconds: float
+    scope: Scope = WHOLE
 
 
 @dataclass(frozen=True)
@@ -85,17 +88,19 @@ class Rescan:
 class BanSet:
     """floodd's bans: the kernel's, mirrored, and changed only through this object.
 
+    Bans are identified by their :class:`~floodd.scope.Target` (network and scope).
     Empty until :meth:`start` gives it its backend.  Read from any thread: ``len()``,
-    ``in``, :meth:`networks`, :attr:`addresses`.  Everything else runs in one thread (the
+    ``in``, :meth:`targets`, :attr:`addresses`.  Everything else runs in one thread (the
     daemon's main loop).
     """
 
     def __init__(self, firewall: FirewallConfig) -> None:
         self._backend: Backend | None = None
         self._mirror = BanTracker(firewall)
-        # The banned single addresses (packed), for the capture to skip; replaced whole.
+        # The single addresses (packed) whose queries are all dropped, for the capture to
+        # skip; replaced whole.
         self.addresses: frozenset[bytes] = frozenset()
-        self._owed: dict[Network, tuple[Ban, float]] = {}  # ban, its deadline (monotonic)
+        self._owed: dict[Target, tuple[Ban, float]] = {}  # ban, its deadline (monotonic)
         self._down: str | None = None  # why the mirror may be out of date
         self._retry_at = 0.0  # (monotonic) when to read the firewall again
         self._needs_setup = False
@@ -114,15 +119,15 @@ class BanSet:
     def __len__(self) -> int:
         return len(self._mirror)
 
-    def __contains__(self, network: object) -> bool:
-        return network in self._mirror
+    def __contains__(self, target: object) -> bool:
+        return target in self._mirror
 
-    def networks(self) -> list[Network]:
+    def targets(self) -> list[Target]:
         return list(self._mirror)
 
     def holder(self, network: Network) -> Network | None:
         """The banned prefix ``network`` lies in, if any."""
-        return holder(network, self._mirror)
+        return holder(network, (t.network for t in self._mirror))
 
     def usable(self, now: Instant) -> bool:
         """False while the firewall is left alone after it could not be read."""
@@ -148,45 +153,48 @@ class BanSet:
         again or its end has come."""
         d = self._mirror.observe(now, listed)
         self._owe(now, d.vanished)
-        there = {ib.network for ib in listed}
-        for network, (_, deadline) in list(self._owed.items()):
-            if network in there or deadline <= now.mono + EXPIRY_SLACK:
-                del self._owed[network]
+        there = {ib.target for ib in listed}
+        for target, (_, deadline) in list(self._owed.items()):
+            if target in there or deadline <= now.mono + EXPIRY_SLACK:
+                del self._owed[target]
         self._down = None
         self._refresh()
         return d
 
     def _owe(self, now: Instant, bans: Iterable[Ban]) -> None:
         for ban in bans:
-            self._owed[ban.network] = (ban, now.to_mono(ban.expires))
+            self._owed[ban.target] = (ban, now.to_mono(ban.expires))
 
     # --- changes -----------------------------------------------------------------
     def ban(self, now: Instant, bans: Sequence[NewBan]) -> Committed:
-        """Install ``bans`` in one commit (replacing a ban of the same network).  The
+        """Install ``bans`` in one commit (replacing a ban of the same target).  The
         result's ``added`` are the ones the kernel took; ``removed``, bans they replaced
-        (nftables: prefixes inside a new prefix)."""
+        (nftables: bans a new one covers, such as prefixes inside a new prefix)."""
         self._ready(now)
-        self.backend.ban([Ban(b.network, b.rule, now.wall, now.wall + b.seconds)
+        self.backend.ban([Ban(b.network, b.rule, now.wall, now.wall + b.seconds, b.scope)
                           for b in bans])
         return self._commit(now)
 
-    def unban(self, now: Instant, networks: Sequence[Network] | None) -> tuple[Network, ...]:
-        """Remove the bans of ``networks`` (None: every ban the kernel holds, read just
-        before) in one commit; the networks that were banned."""
+    def unban(self, now: Instant, networks: Sequence[Network] | None) -> tuple[Target, ...]:
+        """Remove every ban of ``networks``, whatever its scope (None: every ban the kernel
+        holds, read just before) in one commit; the bans that were there."""
         self._ready(now)
         if networks is None:
             self.load(now)
-        targets = list(self._mirror) if networks is None else list(networks)
-        for network in list(self._owed) if networks is None else targets:
-            self._owed.pop(network, None)  # never put back what the operator removes
+        wanted = None if networks is None else set(networks)
+        targets = [t for t in [*self._mirror, *self._owed]
+                   if wanted is None or t.network in wanted]
+        targets = list(dict.fromkeys(targets))
+        for target in targets:
+            self._owed.pop(target, None)  # never put back what the operator removes
         if not targets:
             return ()
-        known = [n for n in targets if n in self._mirror]
+        known = [t for t in targets if t in self._mirror]
         self.backend.unban(targets)
         done = self._commit(now, removing=targets)
         self._mirror.forget(targets)
         self._refresh()
-        return tuple(dict.fromkeys([*known, *(n for n in done.removed if n in targets)]))
+        return tuple(dict.fromkeys([*known, *(t for t in done.removed if t in targets)]))
 
     def rescan(self, now: Instant) -> Rescan | None:
         """Read the kernel, put back what is owed, extend active bans and remove ended
@@ -209,21 +217,21 @@ class BanSet:
         d = self._observe(now, listed)
         restore = [replace(ban, expires=now.to_wall(deadline))
                    for ban, deadline in self._owed.values()]
-        expired = tuple(b for b in d.expired if b.network not in self._owed)
+        expired = tuple(b for b in d.expired if b.target not in self._owed)
         if not (restore or d.extend or d.unban):
             return Rescan(set_up, (), (), (), expired, d.adopted)
         self.backend.ban([*restore, *d.extend])
-        self.backend.unban([ib.network for ib in d.unban])
+        self.backend.unban([ib.target for ib in d.unban])
         try:
-            done = self._commit(now, removing=[ib.network for ib in d.unban])
+            done = self._commit(now, removing=[ib.target for ib in d.unban])
         except BanFailure:
             self._owe(now, d.extend)  # put back at the next rescan if the kernel ends them
             raise
         for ban in restore:
-            self._owed.pop(ban.network, None)  # put back, or refused by the kernel
-        added = {b.network for b in done.added}
+            self._owed.pop(ban.target, None)  # put back, or refused by the kernel
+        added = {b.target for b in done.added}
         return Rescan(set_up, _taken(restore, added), _taken(d.extend, added),
-                      tuple(ib for ib in d.unban if ib.network in done.removed),
+                      tuple(ib for ib in d.unban if ib.target in done.removed),
                       expired, d.adopted)
 
     def configure(self, firewall: FirewallConfig, ports: Sequence[int],
@@ -258,9 +266,9 @@ class BanSet:
         return [self._shown(now, ib) for ib in self._read(now)]
 
     def _shown(self, now: Instant, ib: InstalledBan) -> InstalledBan:
-        if ib.network not in self._mirror or math.isinf(ib.expires):
+        if ib.target not in self._mirror or math.isinf(ib.expires):
             return ib
-        expires = now.to_wall(self._mirror.deadline(ib.network))
+        expires = now.to_wall(self._mirror.deadline(ib.target))
         if abs(expires - ib.expires) < EXPIRY_SLACK:  # the kernel keeps whole seconds
             return ib
         return replace(ib, expires=math.floor(expires))
@@ -278,7 +286,7 @@ class BanSet:
         return FirewallWaiting(f"the firewall did not answer ({self._down}); floodd reads it "
                           f"again in {max(1, round(self._retry_at - now.mono))} s")
 
-    def _commit(self, now: Instant, removing: Sequence[Network] = ()) -> Committed:
+    def _commit(self, now: Instant, removing: Sequence[Target] = ()) -> Committed:
         """Commit what is buffered; on failure re-read the kernel (``removing``: the
         removals asked for, never owed even if the kernel took only some)."""
         started = time.monotonic()
@@ -294,14 +302,14 @@ class BanSet:
             except BanFailure as again:
                 raise BanFailure(f"{exc}; {again}") from exc
             finally:
-                for network in removing:
-                    self._owed.pop(network, None)
+                for target in removing:
+                    self._owed.pop(target, None)
             raise BanFailure(f"{exc}; the bans were read back from the firewall "
                              f"({len(self._mirror)} bans)") from exc
         self._mirror.forget(done.removed)
         self._mirror.banned(now, done.added)
-        for network in [*done.removed, *(b.network for b in done.added)]:
-            self._owed.pop(network, None)
+        for target in [*done.removed, *(b.target for b in done.added)]:
+            self._owed.pop(target, None)
         self._refresh()
         return done
 
@@ -321,8 +329,8 @@ class BanSet:
         self._retry_at = now.mono + (time.monotonic() - started) + RETRY_AFTER
 
     def _refresh(self) -> None:
-        self.addresses = frozenset(n.network_address.packed for n in self._mirror
-                                   if n.prefixlen == n.max_prefixlen)
+        self.addresses = frozenset(n.network_address.packed for n, scope in self._mirror
+                                   if n.prefixlen == n.max_prefixlen and scope.whole_source)
 
 
 def holder(network: Network, banned: Iterable[Network]) -> Network | None:
@@ -332,5 +340,5 @@ def holder(network: Network, banned: Iterable[Network]) -> Network | None:
                  and network.subnet_of(n)), None)  # type: ignore[arg-type]
 
 
-def _taken(bans: Iterable[Ban], added: set[Network]) -> tuple[Ban, ...]:
-    return tuple(b for b in bans if b.network in added)
+def _taken(bans: Iterable[Ban], added: set[Target]) -> tuple[Ban, ...]:
+    return tuple(b for b in bans if b.target in added)

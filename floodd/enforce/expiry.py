@@ -42,7 +42,8 @@ from typing import Iterable, Iterator, Sequence
 
 from floodd.config import FirewallConfig
 from floodd.enforce.clock import Instant
-from floodd.enforce.firewall.base import Ban, InstalledBan, Network
+from floodd.enforce.firewall.base import Ban, InstalledBan
+from floodd.scope import Target
 
 # A ban gone from the firewall up to this long before its deadline ended normally: the
 # kernel keeps whole seconds, its timeout starts a moment after floodd's deadline.
@@ -77,10 +78,10 @@ class _Watch:
 
 class BanTracker:
     """Every ban the kernel holds, as last listed or as floodd last changed it, with its
-    deadline and counter history."""
+    deadline and counter history, by :class:`~floodd.scope.Target`."""
 
     def __init__(self, firewall: FirewallConfig) -> None:
-        self._watch: dict[Network, _Watch] = {}
+        self._watch: dict[Target, _Watch] = {}
         self.configure(firewall)
 
     def configure(self, firewall: FirewallConfig) -> None:
@@ -92,19 +93,19 @@ class BanTracker:
     def __len__(self) -> int:
         return len(self._watch)
 
-    def __contains__(self, network: object) -> bool:
-        return network in self._watch
+    def __contains__(self, target: object) -> bool:
+        return target in self._watch
 
-    def __iter__(self) -> Iterator[Network]:
+    def __iter__(self) -> Iterator[Target]:
         return iter(list(self._watch))
 
-    def ban(self, network: Network) -> Ban:
-        """The ban of ``network`` as the kernel records it."""
-        return self._watch[network].ban
+    def ban(self, target: Target) -> Ban:
+        """The ban of ``target`` as the kernel records it."""
+        return self._watch[target].ban
 
-    def deadline(self, network: Network) -> float:
-        """When the ban of ``network`` ends (monotonic)."""
-        return self._watch[network].deadline
+    def deadline(self, target: Target) -> float:
+        """When the ban of ``target`` ends (monotonic)."""
+        return self._watch[target].deadline
 
     def _term(self, ban: Ban) -> float:
         return min(max(ban.expires - ban.since, 0.0), self.max_ban_time)
@@ -114,35 +115,35 @@ class BanTracker:
         counter starts at 0, an extension (same start) keeps the ban's term."""
         for ban in bans:
             deadline = now.to_mono(ban.expires)
-            w = self._watch.get(ban.network)
+            w = self._watch.get(ban.target)
             if w is None:
-                self._watch[ban.network] = _Watch(ban, deadline, self._term(ban), 0, None,
+                self._watch[ban.target] = _Watch(ban, deadline, self._term(ban), 0, None,
                                                   now.mono)
                 continue
             if ban.since != w.ban.since:
                 w.term = self._term(ban)
             w.ban, w.deadline = ban, deadline
 
-    def forget(self, networks: Iterable[Network]) -> None:
+    def forget(self, targets: Iterable[Target]) -> None:
         """These bans are no longer in the kernel (removed by floodd)."""
-        for net in networks:
-            self._watch.pop(net, None)
+        for target in targets:
+            self._watch.pop(target, None)
 
     def observe(self, now: Instant, installed: Sequence[InstalledBan]) -> Decisions:
         """Make the mirror the listing ``installed`` and say what the rule wants done."""
         unban: list[InstalledBan] = []
         extend: list[Ban] = []
         adopted: list[InstalledBan] = []
-        present: set[Network] = set()
+        present: set[Target] = set()
         t = now.mono
         for ib in installed:
-            present.add(ib.network)
-            w = self._watch.get(ib.network)
-            ban = Ban(ib.network, ib.rule, ib.since, ib.expires)
+            present.add(ib.target)
+            w = self._watch.get(ib.target)
+            ban = Ban(ib.network, ib.rule, ib.since, ib.expires, ib.scope)
             if w is None:
                 deadline = t + ib.remaining if ib.remaining is not None else \
                     now.to_mono(ib.expires)
-                self._watch[ib.network] = _Watch(ban, deadline, self._term(ban), ib.packets,
+                self._watch[ib.target] = _Watch(ban, deadline, self._term(ban), ib.packets,
                                                  None, t)
                 adopted.append(ib)
                 continue
@@ -164,10 +165,10 @@ class BanTracker:
                 unban.append(ib)
         vanished: list[Ban] = []
         expired: list[Ban] = []
-        for net, w in list(self._watch.items()):
-            if net in present:
+        for target, w in list(self._watch.items()):
+            if target in present:
                 continue
-            del self._watch[net]
+            del self._watch[target]
             if w.deadline > t + EXPIRY_SLACK:
                 vanished.append(replace(w.ban, expires=now.to_wall(w.deadline)))
             else:

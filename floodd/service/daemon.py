@@ -33,6 +33,7 @@ from floodd.enforce.clock import Instant
 from floodd.enforce.clock import now as clock_now
 from floodd.enforce.firewall import make_backend
 from floodd.enforce.firewall.base import Backend, Network
+from floodd.scope import WHOLE
 from floodd.service.journal import EventLog
 from floodd.service.notify import Notifier
 from floodd.service.throttle import Throttle
@@ -338,11 +339,14 @@ class Daemon:
     def _policy_tick(self, at: Instant) -> None:
         cfg = self.config
         with self.lock:  # the tables run on the capture's clock: time.monotonic()
-            triggers = evaluate(at.mono, self.traffic, cfg.rules)
+            triggers = evaluate(at.mono, self.traffic, cfg.rules, cfg.trust)
+            rules = {rule.name: rule for rule in cfg.rules}
+            for trig in triggers:  # a flood must not teach its own hop values
+                self.traffic.suspect(at.mono, rules[trig.rule], trig.key)
         if not triggers:
             return
         fw = cfg.firewall
-        decided = plan(at.mono, triggers, self.bans.networks(), self._protected, fw.max_bans,
+        decided = plan(at.mono, triggers, self.bans.targets(), self._protected, fw.max_bans,
                        self.offences, fw.escalation_factor, fw.max_ban_time)
         for trig in decided.warnings:
             self._warn(at.mono, trig)
@@ -350,27 +354,39 @@ class Daemon:
         if not decided.bans or not self.bans.usable(at):
             return  # a firewall that did not answer was logged; it is read again soon
         try:
-            done = self.bans.ban(at, [NewBan(trig.network, trig.rule, seconds)
+            done = self.bans.ban(at, [NewBan(trig.network, trig.rule, seconds, trig.scope)
                                       for trig, seconds in decided.bans])
         except BanFailure as exc:
             self.log.error(f"could not ban {len(decided.bans)} sources: {exc}", action="error")
             return
-        added = {ban.network for ban in done.added}
+        added = {ban.target for ban in done.added}
         with self.lock:
-            for net in added:
-                if net.prefixlen == net.max_prefixlen:
+            for net, scope in added:
+                if net.prefixlen == net.max_prefixlen and scope.whole_source:
                     self.traffic.forget(net.network_address.packed)
+        escalated = False
         for trig, seconds in decided.bans:
-            if trig.network not in added:
+            if trig.target not in added:
                 continue
-            offence = self.offences.record(trig.network, at.mono)
-            repeat = f", offence #{offence.count}" if offence.count > 1 else ""
+            repeat = ""
+            if trig.scope.whole_source:  # only bans of all its queries count as offences
+                escalated = True
+                offence = self.offences.record(trig.network, at.mono)
+                repeat = f", offence #{offence.count}" if offence.count > 1 else ""
+            if trig.narrowing is not None:
+                self.log.notice(
+                    f"narrow the ban of {trig.network} to traffic with other TTL/hop "
+                    f"limits, as it looks forged: {trig.narrowing.describe()}",
+                    action="narrow", source=trig.network, rule=trig.rule,
+                    scope=trig.scope.text(), usual_hops="/".join(map(str, trig.narrowing.usual)),
+                    packets=trig.count, packets_usual=trig.narrowing.at_usual)
             self.log.notice(
-                f"ban {trig.network} for {seconds:g} s: rule {trig.rule}, {trig.count} "
+                f"ban {trig.target} for {seconds:g} s: rule {trig.rule}, {trig.count} "
                 f"packets in {trig.window:g} s ({trig.rate:.1f}/s){repeat}",
                 action="ban", source=trig.network, rule=trig.rule, rate=round(trig.rate, 1),
-                packets=trig.count, ban_time=seconds)
-        self._save_state(at)
+                packets=trig.count, ban_time=seconds, scope=trig.scope.text())
+        if escalated:
+            self._save_state(at)
 
     def _warn(self, mono: float, trig: Trigger) -> None:
         """Log a warn rule's trigger, once per rule window for each network."""
@@ -426,13 +442,14 @@ class Daemon:
                           packets=len(done.adopted))
         stale = self.config.firewall.stale_after
         for ib in done.unbanned:
-            self.log.info(f"unban {ib.network}: ban time over and no packets for "
+            self.log.info(f"unban {ib.target}: ban time over and no packets for "
                           f"{stale:g} s ({ib.packets} packets dropped in all)",
                           action="expire", source=ib.network, rule=ib.rule,
-                          packets=ib.packets)
+                          packets=ib.packets, scope=ib.scope.text())
         for ban in done.expired:
-            self.log.info(f"unban {ban.network}: ban time over (ended by the kernel)",
-                          action="expire", source=ban.network, rule=ban.rule)
+            self.log.info(f"unban {ban.target}: ban time over (ended by the kernel)",
+                          action="expire", source=ban.network, rule=ban.rule,
+                          scope=ban.scope.text())
 
     # --- reload -----------------------------------------------------------------
     def _do_reload(self) -> None:
@@ -596,7 +613,7 @@ class Daemon:
             raise FlooddError(f"ban: refusing to ban {network}: {reason} "
                               "(use --force to ban it anyway)")
         done = self.bans.ban(at, [NewBan(network, req.reason, req.seconds)])
-        ban = next((b for b in done.added if b.network == network), None)
+        ban = next((b for b in done.added if b.target == (network, WHOLE)), None)
         if ban is None:
             holder = self.bans.holder(network)
             raise Failure(f"ban: {network} was not added: it lies inside the banned "
@@ -612,11 +629,14 @@ class Daemon:
         if req.network is not None and not gone:
             raise Failure(f"unban: {req.network} is not banned")
         with self.lock:
-            for n in gone:
+            for n in dict.fromkeys(t.network for t in gone):
                 self.traffic.forget(n.network_address.packed)
-        for n in gone:
-            self.log.notice(f"unban {n} by the operator", action="unban", source=n)
-        return {"ok": True, "unbanned": [str(n) for n in gone]}
+        for t in gone:
+            self.log.notice(f"unban {t} by the operator", action="unban", source=t.network,
+                            scope=t.scope.text())
+        return {"ok": True, "unbanned": list(dict.fromkeys(str(t.network) for t in gone)),
+                "bans": [{"source": str(t.network), "scope": t.scope.as_json()}
+                         for t in gone]}
 
     def _save_state(self, now: Instant) -> None:
         try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from floodd.config import Network as Network  # re-exported: the backends' address type
+from floodd.scope import WHOLE, Scope, Target
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class Ban:
     rule: str  # the rule name or the operator's --reason
     since: float  # unix time the ban started
     expires: float  # unix time the ban ends
+    scope: Scope = WHOLE  # what of the network's traffic it drops
+
+    @property
+    def target(self) -> Target:
+        return Target(self.network, self.scope)
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,18 @@ class InstalledBan:
     # Seconds until the kernel itself ends the ban (nftables' element timeout, read on
     # the kernel's own clock); None when the kernel has no timeout for it (iptables).
     remaining: float | None = field(default=None, compare=False)
+    scope: Scope = WHOLE
+
+    @property
+    def target(self) -> Target:
+        return Target(self.network, self.scope)
 
     def as_json(self) -> dict[str, Any]:
         """The ban as JSON: what ``floodd bans --json`` prints and the control socket sends."""
         return {"source": str(self.network), "rule": self.rule, "since": self.since,
                 "expires": None if math.isinf(self.expires) else self.expires,
-                "packets": self.packets, "bytes": self.bytes}
+                "packets": self.packets, "bytes": self.bytes,
+                "scope": self.scope.as_json()}
 
 
 @dataclass(frozen=True)
@@ -54,21 +66,21 @@ class Committed:
     """What a commit changed in the kernel."""
 
     added: tuple[Ban, ...]  # bans now in the kernel as given (new or replacing one)
-    removed: tuple[Network, ...]  # networks whose ban is no longer in the kernel
+    removed: tuple[Target, ...]  # bans no longer in the kernel
 
 
 class Buffered:
     """``ban`` and ``unban`` only buffer; a backend's ``commit`` applies what
     :meth:`_take` hands it.
 
-    ``_pending`` maps a network to its new ban, or to None for a removal; the
-    last change of a network wins.
+    ``_pending`` maps a ban's target to its new ban, or to None for a removal; the
+    last change of a target wins.
     """
 
     def __init__(self) -> None:
-        self._pending: dict[Network, Ban | None] = {}
+        self._pending: dict[Target, Ban | None] = {}
 
-    def _take(self) -> dict[Network, Ban | None]:
+    def _take(self) -> dict[Target, Ban | None]:
         """The buffered changes, the buffer emptied: a failed commit is never applied
         later by an unrelated one."""
         pending, self._pending = self._pending, {}
@@ -76,11 +88,11 @@ class Buffered:
 
     def ban(self, bans: Sequence[Ban]) -> None:
         for ban in bans:
-            self._pending[ban.network] = ban
+            self._pending[ban.target] = ban
 
-    def unban(self, networks: Sequence[Network]) -> None:
-        for network in networks:
-            self._pending[network] = None
+    def unban(self, targets: Sequence[Target]) -> None:
+        for target in targets:
+            self._pending[target] = None
 
 
 class Backend(Protocol):
@@ -91,10 +103,10 @@ class Backend(Protocol):
         configuration (idempotent); never touches anything else."""
 
     def ban(self, bans: Sequence[Ban]) -> None:
-        """Buffer bans (an existing ban of the same network is replaced)."""
+        """Buffer bans (an existing ban of the same target is replaced)."""
 
-    def unban(self, networks: Sequence[Network]) -> None:
-        """Buffer removals; removing a network that is not banned is not an error."""
+    def unban(self, targets: Sequence[Target]) -> None:
+        """Buffer removals; removing a ban that is not there is not an error."""
 
     def configure(self, ports: Sequence[int], protocols: Sequence[str]) -> None:
         """The DNS ports and protocols the drop rules match (scope ``dns``), from the

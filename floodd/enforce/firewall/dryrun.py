@@ -1,12 +1,14 @@
 """A backend that changes nothing: it logs what it would do and remembers it in memory,
-so :meth:`DryRunBackend.list` shows the bans a real backend would hold (counters stay 0)."""
+so :meth:`DryRunBackend.list` shows the bans a real backend would hold, each with its
+target (network and scope); counters stay 0."""
 
 from __future__ import annotations
 
 import logging
 from typing import Callable, Sequence
 
-from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
+from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan
+from floodd.scope import Target
 
 
 class DryRunBackend(Buffered):
@@ -17,7 +19,7 @@ class DryRunBackend(Buffered):
         self.log = log or logging.getLogger("floodd.enforce.firewall").info
         self.scope = scope
         self.configure(ports, protocols)
-        self._bans: dict[Network, Ban] = {}
+        self._bans: dict[Target, Ban] = {}
         super().__init__()
         self._set_up: str | None = None  # what the drop rules would match, once set up
 
@@ -33,20 +35,20 @@ class DryRunBackend(Buffered):
 
     def commit(self) -> Committed:
         added: list[Ban] = []
-        removed: list[Network] = []
-        for net, ban in self._take().items():
+        removed: list[Target] = []
+        for target, ban in self._take().items():
             if ban is not None:
-                self.log(f"dry run: would ban {net} for {ban.expires - ban.since:g} s "
+                self.log(f"dry run: would ban {target} for {ban.expires - ban.since:g} s "
                          f"({ban.rule})")
-                self._bans[net] = ban
+                self._bans[target] = ban
                 added.append(ban)
-            elif self._bans.pop(net, None) is not None:
-                self.log(f"dry run: would unban {net}")
-                removed.append(net)
+            elif self._bans.pop(target, None) is not None:
+                self.log(f"dry run: would unban {target}")
+                removed.append(target)
         return Committed(tuple(added), tuple(removed))
 
     def list(self) -> list[InstalledBan]:
-        return [InstalledBan(b.network, b.rule, b.since, b.expires, 0, 0)
+        return [InstalledBan(b.network, b.rule, b.since, b.expires, 0, 0, scope=b.scope)
                 for b in self._bans.values()]
 
     def present(self) -> bool:

@@ -5,16 +5,37 @@ What floodd keeps in the kernel, in the filter table of iptables and of ip6table
     INPUT   -p udp -m multiport --dports 53 -m comment --comment "floodd udp dports=53" -j FLOODD
             -p tcp -m multiport --dports 53 -m comment --comment "floodd tcp dports=53" -j FLOODD
     FLOODD  -s 198.51.100.7/32 -m comment --comment
-                "floodd since=1764000000 expires=1764000600 rule=query-flood" -j DROP
+                "floodd since=1764000000 expires=1764000600 scope=all rule=query-flood" -j DROP
+            -s 203.0.113.10/32 -p udp -m ttl ! --ttl-eq 64 -m comment --comment
+                "floodd since=... scope=udp,except=64 rule=query-flood" -j DROP
+            -s 203.0.113.10/32 -p udp -m string --hex-string "|0000ff0001|" --algo bm
+                --from 40 --to 339 -m comment --comment "floodd ... scope=udp,qtype=255 ..." -j DROP
             ... one rule per ban
 
 The DNS match (protocols and ports) lives in the jump rules at the top of INPUT, so a
 ban is exactly one rule whatever the ports and protocols: N bans cost N rules, not one
 per protocol each.  Scope ``all`` uses one jump without protocol or port match
 (comment ``floodd all``).  The ban comment is the one the nftables backend gives its set
-elements (rule name, start and expiry in whole seconds), so the kernel alone is the
-record of what is banned and a restarted floodd adopts it.  Nothing expires a rule in
-the kernel: floodd unbans at expiry.
+elements (rule name, start and expiry in whole seconds, the ban's scope), so the kernel
+alone is the record of what is banned and a restarted floodd adopts it.  Nothing expires
+a rule in the kernel: floodd unbans at expiry.
+
+A ban is identified by its target (network and scope, :mod:`floodd.scope`): one network
+may have several rules, one per scope.  The scope becomes matches of the ban's rule:
+
+* UDP only: ``-p udp`` (the jump already limits it to the DNS ports under firewall
+  scope ``dns``; under ``all`` it drops all of the source's UDP);
+* usual hop values that pass: one ``-m ttl ! --ttl-eq H`` per value (IPv6:
+  ``-m hl ! --hl-eq H``);
+* one query type: ``-m string --algo bm --hex-string |00 QQQQ 0001|``, the root label
+  ending the question name, the type and class IN.  The search is kept to where the
+  question can be: from its first byte in a query without IP options or IPv6 extension
+  headers (IP header, 8 bytes of UDP, 12 of DNS header: offset 40 / 60) to the end of
+  the longest name (255 bytes) and its type and class, allowing 40 bytes of options.
+
+Reading back, a rule in FLOODD is a ban when it drops, its comment is a ban comment and
+its matches are exactly what that comment's scope makes (protocol, hop values, question
+pattern, no other match); any other rule there is the operator's and is left alone.
 
 libiptc only knows the *legacy* xtables: on a host where ``iptables`` is the nf_tables
 variant these rules are enforced, but only ``iptables-legacy -nvL`` shows them.
@@ -26,10 +47,11 @@ the table to committing it: a change iptables-legacy makes in between is never l
 
 Speed: a python-iptables ``Rule`` costs ~0.2 ms to build and as much to read back, so
 10,000 bans took ~2 s each way.  Ban rules are therefore made by patching the source,
-mask, comment and counters of one template entry that python-iptables builds, and read
-back by parsing raw entries at the offsets of python-iptables' own ctypes structures:
-adding, listing or removing 10,000 bans then takes about 0.1 s each.  The commit itself
-(libiptc compiling the table, the kernel swapping it in) is ~25 ms of that.
+mask, comment and counters of a template entry that python-iptables builds, one per
+scope in a commit, and read back by parsing raw entries at the offsets of
+python-iptables' own ctypes structures: adding, listing or removing 10,000 bans then
+takes about 0.1 s each.  The commit itself (libiptc compiling the table, the kernel
+swapping it in) is ~25 ms of that.
 """
 
 from __future__ import annotations
@@ -47,8 +69,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 from floodd.errors import Failure, FlooddError
-from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
+from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan
 from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
+from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 
 PROTOCOLS = ("udp", "tcp")
 VERSIONS = (4, 6)
@@ -64,30 +87,56 @@ _BYTES_REPR = re.compile(r"""\bb(['"])(.*?)\1""")
 _COUNTERS = struct.Struct("=QQ")  # struct xt_counters: packets, bytes
 _COMMENT_SIZE = 256  # struct xt_comment_info: char comment[256], NUL-terminated
 _U16 = struct.Struct("=H")
+# struct ipt_ttl_info / ip6t_hl_info: u8 mode, u8 value; mode 1 is "not equal"
+# (IPT_TTL_NE, IP6T_HL_NE), what "! --ttl-eq" / "! --hl-eq" sets.
+_HOP_NOT_EQUAL = 1
+# struct xt_string_info up to its kernel-only part: u16 from_offset, u16 to_offset,
+# char algo[16], char pattern[128], u8 patlen, then u8 flags (revision 1; revision 0:
+# u8 invert), 0 for a plain case-sensitive match.
+_STRING = struct.Struct("=HH16s128sBB")
+_STRING_ALGO = "bm"
+_QUESTION_PATTERN = 5  # bytes: root label 00, qtype (2), class IN 0001
+_QUESTION_START = {4: 20 + 8 + 12, 6: 40 + 8 + 12}  # IP header, UDP header, DNS header
+_OPTIONS_ROOM = 40  # IPv4 options (at most 40 bytes), or as much of IPv6 extension headers
+# The longest question: a name of wire length 255 (its last byte the root label), then
+# type and class.
+_QUESTION_MAX = 255 + 4
 
 
 @dataclass(frozen=True)
 class _Family:
-    """One address family: the byte layout of its entries and its ban rule template.
+    """One address family: the byte layout of its entries and how its ban rules look.
 
-    An entry is ``struct ipt_entry`` / ``struct ip6t_entry`` (source, source mask,
-    target_offset, counters, ...), then its matches from ``entry_size`` on, each a
-    ``struct xt_entry_match`` (u16 size, name, revision: ``match_header`` bytes) and
-    its data, then the target at ``target_offset``.
+    An entry is ``struct ipt_entry`` / ``struct ip6t_entry`` (``ip``: the addresses,
+    protocol and their flags; target_offset, counters, ...), then its matches from
+    ``entry_size`` on, each a ``struct xt_entry_match`` (u16 size, name, revision:
+    ``match_header`` bytes) and its data, then the target at ``target_offset``.
     """
 
     version: int
     network_class: type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network]
     address_size: int
     rule_class: Any
+    ip: slice  # the entry's ip / ipv6 part
     src: int
     smsk: int
     target_offset: int
     counters: int
     entry_size: int
     match_header: int
-    template: bytes  # a ban rule: source, comment, DROP
-    comment: int  # offset of the comment text in an entry laid out like template
+    hop_match: str  # "ttl" / "hl"
+    question: tuple[int, int]  # the string match's --from and --to
+    # The ip part of a ban rule without and with -p udp, source and mask zero.
+    ip_any: bytes = b""
+    ip_udp: bytes = b""
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A ban rule of one scope as python-iptables builds it, for patching."""
+
+    raw: bytes  # source 0/0, comment "floodd", counters 0
+    comment: int  # offset of the comment text
 
 
 class IptablesBackend(Buffered):
@@ -149,9 +198,9 @@ class IptablesBackend(Buffered):
         """
         pending = self._take()
         added: list[Ban] = []
-        removed: list[Network] = []
+        removed: list[Target] = []
         for version in VERSIONS:
-            changes = {n: b for n, b in pending.items() if n.version == version}
+            changes = {t: b for t, b in pending.items() if t.network.version == version}
             if not changes:
                 continue
             with self._session(version, "commit") as (fam, table):
@@ -188,14 +237,14 @@ class IptablesBackend(Buffered):
                 table.commit()
 
     def list(self) -> list[InstalledBan]:
-        bans: dict[Network, InstalledBan] = {}
+        bans: dict[Target, InstalledBan] = {}
         for version in VERSIONS:
             with self._session(version, "list") as (fam, table):
                 if not table.is_chain(self._chain):
                     continue
                 for _, ban in self._installed_bans(fam, table):
-                    seen = bans.get(ban.network)
-                    bans[ban.network] = ban if seen is None else replace(
+                    seen = bans.get(ban.target)
+                    bans[ban.target] = ban if seen is None else replace(
                         seen, packets=seen.packets + ban.packets, bytes=seen.bytes + ban.bytes)
         return [*bans.values()]
 
@@ -228,26 +277,33 @@ class IptablesBackend(Buffered):
             raise Failure(f"{_TOOLS[version]} {action}: {message}") from exc
 
     def _apply(self, fam: _Family, table: Any,
-               changes: dict[Network, Ban | None]) -> Sequence[Network]:
+               changes: dict[Target, Ban | None]) -> Sequence[Target]:
         """Replace, delete and append ban rules; a replaced ban keeps its counters.
-        The networks whose rules are deleted."""
-        installed: dict[Network, list[tuple[int, InstalledBan]]] = {}
+        The targets whose rules are deleted."""
+        installed: dict[Target, list[tuple[int, InstalledBan]]] = {}
         for index, ban in self._installed_bans(fam, table):
-            installed.setdefault(ban.network, []).append((index, ban))
+            installed.setdefault(ban.target, []).append((index, ban))
+        templates: dict[Scope, _Template] = {}  # only this commit's: scopes are many
+
+        def entry(ban: Ban, packets: int, nbytes: int) -> ctypes.Array[ctypes.c_ubyte]:
+            if ban.scope not in templates:
+                templates[ban.scope] = _template(fam, ban.scope)
+            return _entry(fam, templates[ban.scope], ban, packets, nbytes)
+
         deletes: list[int] = []
-        gone: list[Network] = []
-        for network, new in changes.items():
-            rules = installed.get(network, [])
+        gone: list[Target] = []
+        for target, new in changes.items():
+            rules = installed.get(target, [])
             if new is None:
                 deletes += [index for index, _ in rules]
                 if rules:
-                    gone.append(network)
+                    gone.append(target)
             elif not rules:
-                table.append_entry(self._chain, _entry(fam, new, 0, 0))
+                table.append_entry(self._chain, entry(new, 0, 0))
             else:
                 packets = sum(ban.packets for _, ban in rules)
                 nbytes = sum(ban.bytes for _, ban in rules)
-                table.replace_entry(self._chain, _entry(fam, new, packets, nbytes), rules[0][0])
+                table.replace_entry(self._chain, entry(new, packets, nbytes), rules[0][0])
                 deletes += [index for index, _ in rules[1:]]
         # Appends went to the end and replacements kept their place: indexes still hold.
         for index in sorted(deletes, reverse=True):
@@ -255,8 +311,11 @@ class IptablesBackend(Buffered):
         return gone
 
     def _installed_bans(self, fam: _Family, table: Any) -> Iterator[tuple[int, InstalledBan]]:
-        """(position, ban) of every rule in floodd's chain that carries a ban comment."""
+        """(position, ban) of every rule in floodd's chain that is a ban (see the module
+        docstring); other rules are the operator's."""
         for index, entry in enumerate(_entries(table, self._chain)):
+            if table.get_target(entry) != b"DROP":
+                continue
             ban = _parse_ban(fam, ctypes.string_at(ctypes.addressof(entry), entry.target_offset))
             if ban is not None:
                 yield index, ban
@@ -303,25 +362,55 @@ def _family(iptc: Any, version: int) -> _Family:
     network_class: type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network]
     if version == 4:
         entry, ip_field, ip = iptc.ip4tc.ipt_entry, iptc.ip4tc.ipt_entry.ip, iptc.ip4tc.ipt_ip
-        rule_class, network_class = iptc.Rule, ipaddress.IPv4Network
+        rule_class, network_class, hop_match = iptc.Rule, ipaddress.IPv4Network, "ttl"
     else:
         entry, ip_field, ip = (iptc.ip6tc.ip6t_entry, iptc.ip6tc.ip6t_entry.ipv6,
                                iptc.ip6tc.ip6t_ip6)
-        rule_class, network_class = iptc.Rule6, ipaddress.IPv6Network
-    rule = rule_class()
-    rule.create_match("comment").comment = _MARK
-    rule.target = rule.create_target("DROP")
-    template = bytes(rule.rule)
+        rule_class, network_class, hop_match = iptc.Rule6, ipaddress.IPv6Network, "hl"
+    start = _QUESTION_START[version]
     fam = _Family(version=version, network_class=network_class,
                   address_size=4 if version == 4 else 16, rule_class=rule_class,
+                  ip=slice(ip_field.offset, ip_field.offset + ctypes.sizeof(ip)),
                   src=ip_field.offset + ip.src.offset, smsk=ip_field.offset + ip.smsk.offset,
                   target_offset=entry.target_offset.offset, counters=entry.counters.offset,
                   entry_size=iptc.xtables.xt_align(ctypes.sizeof(entry)),
                   match_header=ctypes.sizeof(iptc.xtables.xt_entry_match),
-                  template=template, comment=0)
-    comment = _comment_offset(fam, template)
-    assert comment is not None  # the template's one match is its comment
-    return replace(fam, comment=comment)
+                  hop_match=hop_match,
+                  question=(start, start + _OPTIONS_ROOM + _QUESTION_MAX))
+    fam = replace(fam, ip_any=_ip_part(fam, _template(fam, WHOLE).raw),
+                  ip_udp=_ip_part(fam, _template(fam, UDP_ONLY).raw))
+    # floodd reads the ttl/hl and string matches by the kernel's struct layouts (see
+    # the constants above) while python-iptables picks their revisions: what it builds
+    # must read back as what it was built from.
+    probe = Ban(network_class(0), "", 0, 0, Scope(True, 0xABCD, (1, 254)))
+    found = _parse_ban(fam, bytes(_entry(fam, _template(fam, probe.scope), probe, 0, 0)))
+    if found is None or found.target != probe.target:
+        raise Failure(f"{_TOOLS[version]}: python-iptables builds ban rules floodd cannot "
+                      "read back (unknown ttl/hl or string match layout)")
+    return fam
+
+
+def _template(fam: _Family, scope: Scope) -> _Template:
+    """A ban rule of ``scope`` built by python-iptables (matches in the order
+    :func:`_parse_ban` reads them: hop values, question, comment)."""
+    rule = fam.rule_class()
+    if scope.udp_only:
+        rule.protocol = "udp"
+    for hop in scope.except_hops:
+        setattr(rule.create_match(fam.hop_match), f"{fam.hop_match}_eq", f"!{hop}")
+    if scope.qtype is not None:
+        question = rule.create_match("string")
+        question.algo = _STRING_ALGO
+        question.hex_string = f"|00 {scope.qtype:04x} 0001|"
+        # "from" is a Python keyword: python-iptables takes these two by name only.
+        question.set_parameter("from", str(fam.question[0]))
+        question.set_parameter("to", str(fam.question[1]))
+    rule.create_match("comment").comment = _MARK
+    rule.target = rule.create_target("DROP")
+    raw = bytes(rule.rule)
+    comment = _comment_offset(fam, raw)
+    assert comment is not None  # the template's last match is its comment
+    return _Template(raw, comment)
 
 
 @contextmanager
@@ -361,31 +450,90 @@ def _entries(table: Any, chain: str) -> Iterator[Any]:
         entry = table.next_rule(entry)
 
 
-def _comment_offset(fam: _Family, raw: bytes) -> int | None:
-    """Where the text of the entry's comment match starts, if it has one."""
+def _matches(fam: _Family, raw: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(name, data) of each match of the entry, in order; a malformed one ends them
+    with the name b"" (no match has it)."""
     offset = fam.entry_size
     end = _U16.unpack_from(raw, fam.target_offset)[0]
     while offset + fam.match_header <= end:
         size = _U16.unpack_from(raw, offset)[0]
-        if raw[offset + 2:offset + fam.match_header - 1].split(b"\0", 1)[0] == b"comment":
-            return offset + fam.match_header
-        if size < fam.match_header:
-            return None
+        if size < fam.match_header or offset + size > end:
+            yield b"", b""
+            return
+        yield (raw[offset + 2:offset + fam.match_header - 1].split(b"\0", 1)[0],
+               raw[offset + fam.match_header:offset + size])
         offset += size
+
+
+def _comment_offset(fam: _Family, raw: bytes) -> int | None:
+    """Where the text of the entry's comment match starts, if it has one."""
+    offset = fam.entry_size
+    for name, data in _matches(fam, raw):
+        if name == b"comment":
+            return offset + fam.match_header
+        offset += fam.match_header + len(data)
     return None
 
 
+def _comment_text(data: bytes) -> str:
+    return data[:_COMMENT_SIZE].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def _comment(fam: _Family, raw: bytes) -> str | None:
-    offset = _comment_offset(fam, raw)
-    if offset is None:
+    for name, data in _matches(fam, raw):
+        if name == b"comment":
+            return _comment_text(data)
+    return None
+
+
+def _question_type(fam: _Family, data: bytes) -> int | None:
+    """The query type of a string match floodd wrote for a qtype ban, else None."""
+    if len(data) < _STRING.size:
         return None
-    return raw[offset:offset + _COMMENT_SIZE].split(b"\0", 1)[0].decode("utf-8", "replace")
+    start, end, algo, pattern, length, flags = _STRING.unpack_from(data)
+    if (start, end) != fam.question or algo.rstrip(b"\0") != _STRING_ALGO.encode() \
+            or flags != 0 or length != _QUESTION_PATTERN or pattern[0] != 0 \
+            or pattern[3:5] != b"\0\1":
+        return None
+    return int.from_bytes(pattern[1:3], "big")
+
+
+def _ip_part(fam: _Family, raw: bytes) -> bytes:
+    """The entry's ip part with source and mask zeroed (the rest is the same in every
+    ban rule of one protocol)."""
+    part = bytearray(raw[fam.ip])
+    zero = bytes(fam.address_size)
+    for field in (fam.src, fam.smsk):
+        start = field - fam.ip.start
+        part[start:start + fam.address_size] = zero
+    return bytes(part)
 
 
 def _parse_ban(fam: _Family, raw: bytes) -> InstalledBan | None:
-    comment = _comment(fam, raw)
+    """The ban of an entry in floodd's chain; None when it is not exactly a rule floodd
+    writes for the scope its comment names."""
+    comment: str | None = None
+    hops: list[int] = []
+    qtype: int | None = None
+    hop_match = fam.hop_match.encode()
+    for name, data in _matches(fam, raw):
+        if name == b"comment" and comment is None:
+            comment = _comment_text(data)
+        elif name == hop_match and len(data) >= 2 and data[0] == _HOP_NOT_EQUAL:
+            hops.append(data[1])
+        elif name == b"string" and qtype is None:
+            qtype = _question_type(fam, data)
+            if qtype is None:
+                return None
+        else:
+            return None
     parsed = parse_ban_comment(comment) if comment is not None else None
     if parsed is None:
+        return None
+    rule, since, expires, scope = parsed
+    ip = _ip_part(fam, raw)
+    if ip != (fam.ip_udp if scope.udp_only else fam.ip_any) \
+            or (qtype, tuple(hops)) != (scope.qtype, scope.except_hops):
         return None
     size = fam.address_size
     address = int.from_bytes(raw[fam.src:fam.src + size], "big")
@@ -394,18 +542,19 @@ def _parse_ban(fam: _Family, raw: bytes) -> InstalledBan | None:
     if mask != ((1 << prefix) - 1) << (size * 8 - prefix):
         return None
     packets, nbytes = _COUNTERS.unpack_from(raw, fam.counters)
-    rule, since, expires = parsed
     return InstalledBan(network=fam.network_class((address & mask, prefix)), rule=rule,
-                        since=since, expires=expires, packets=packets, bytes=nbytes)
+                        since=since, expires=expires, packets=packets, bytes=nbytes,
+                        scope=scope)
 
 
-def _entry(fam: _Family, ban: Ban, packets: int, nbytes: int) -> ctypes.Array[ctypes.c_ubyte]:
+def _entry(fam: _Family, template: _Template, ban: Ban, packets: int,
+           nbytes: int) -> ctypes.Array[ctypes.c_ubyte]:
     """A ban rule for libiptc, with the given counters."""
-    buf = bytearray(fam.template)
+    buf = bytearray(template.raw)
     address, mask = ban.network.network_address.packed, ban.network.netmask.packed
     buf[fam.src:fam.src + len(address)] = address
     buf[fam.smsk:fam.smsk + len(mask)] = mask
     comment = ban_comment(ban).encode()[:_COMMENT_SIZE - 1]
-    buf[fam.comment:fam.comment + _COMMENT_SIZE] = comment.ljust(_COMMENT_SIZE, b"\0")
+    buf[template.comment:template.comment + _COMMENT_SIZE] = comment.ljust(_COMMENT_SIZE, b"\0")
     _COUNTERS.pack_into(buf, fam.counters, packets, nbytes)
     return (ctypes.c_ubyte * len(buf)).from_buffer(buf)

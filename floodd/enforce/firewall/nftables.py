@@ -1,32 +1,81 @@
 """nftables backend: bans are elements of sets in floodd's own table ``inet floodd``.
 
-The ruleset floodd owns (nothing else is ever touched)::
+The ruleset floodd owns (nothing else is ever touched), shown for IPv4; IPv6 has the same
+sets and chain with ``6`` for ``4``, ``ip6 saddr`` and ``ip6 hoplimit``::
 
     table inet floodd {
-        set ban4 { type ipv4_addr; flags timeout; counter; }              # addresses
-        set ban6 { type ipv6_addr; flags timeout; counter; }
-        set ban4net { type ipv4_addr; flags interval, timeout; counter; } # prefixes
-        set ban6net { type ipv6_addr; flags interval, timeout; counter; }
+        # whole sources (the protocols of the firewall scope)
+        set ban4 { type ipv4_addr; flags timeout; counter; }                 # addresses
+        set ban4net { type ipv4_addr; flags interval, timeout; counter; }    # prefixes
+        # UDP only
+        set udp4 { type ipv4_addr; flags timeout; counter; }
+        set udp4net { type ipv4_addr; flags interval, timeout; counter; }
+        # UDP at the hop values (TTL) not spared: { 203.0.113.10 . 0-63, 203.0.113.10 . 65-255 }
+        set hop4 { typeof ip saddr . ip ttl; flags interval, timeout; counter; }
+        # UDP queries of one type: { 203.0.113.10 . 0-255 . 0x0000ff } (root label, ANY)
+        set qtype4 { typeof ip saddr . ip ttl . @th,160,24; flags interval, timeout; counter; }
+        # sources with a qtype ban (they only lead to chain qtype4; nothing is dropped there)
+        set qgate4 { type ipv4_addr; flags timeout; }
+        set qgate4net { type ipv4_addr; flags interval, timeout; }
         chain input {
             type filter hook input priority filter - 10; policy accept;
             meta l4proto { tcp, udp } th dport 53 ip saddr @ban4 drop      # scope dns
             ... the same for ban6, ban4net, ban6net
+            udp dport 53 ip saddr @udp4 drop
+            ... udp6, udp4net, udp6net
+            udp dport 53 ip saddr . ip ttl @hop4 drop
+            ... hop6
+            udp dport 53 ip saddr @qgate4 jump qtype4
+            ... qgate6, qgate4net, qgate6net
+        }
+        chain qtype4 {   # one rule per question-name wire length L = 1..255
+            ip saddr . ip ttl . @th,160,24 @qtype4 drop        # L = 1: the root name
+            ip saddr . ip ttl . @th,168,24 @qtype4 drop        # L = 2
+            ... @th,8*(19+L),24 up to L = 255
         }
     }
 
-With scope ``all`` the rules are plain ``ip saddr @ban4 drop``.  Each element carries its own
-kernel timeout (the ban's expiry: the kernel alone ends a ban even if floodd is gone), its own
-counter of dropped packets, and a comment holding the rule and times, so the kernel is the
-only record of a ban: ``floodd since=1700000000 expires=1700000600 rule=query-flood``.
+With firewall scope ``all`` the rules match no port: ``ip saddr @ban4 drop``, and the UDP
+ones ``meta l4proto udp ip saddr @udp4 drop``.  A ban's set follows from its scope
+(:func:`set_of`).  Each element carries its own kernel timeout (the ban's expiry: the
+kernel alone ends a ban even if floodd is gone), its own counter of dropped packets, and a
+comment holding the rule, times and scope, so the kernel is the only record of a ban:
+``floodd since=1700000000 expires=1700000600 scope=udp,except=64 rule=query-flood``.
 
-Addresses and prefixes live in separate sets because nft 1.0.6 deletes elements of an
-interval set in quadratic time (removing 9,000 of 10,000 took 13.5 s, against 0.03 s from a
-plain set).  Prefix bans are few; 1,000 deletions from a 1,000-prefix set took 0.15 s.  The
-address rules come first, so an address banned inside a banned prefix keeps counting its own
-packets and keeps its own expiry.  An interval set refuses overlapping elements, so
-:func:`plan_commit` resolves prefix overlaps before anything reaches nft: a prefix inside an
-already banned prefix is skipped, and a prefix ban replaces the prefixes it contains, taking
-over their counters.
+A qtype match reads the question at a fixed offset: it starts 20 bytes into the UDP
+header (8 bytes of UDP, 12 of DNS header), so for a name of wire length L byte 19+L is its
+root label (0) and the two bytes after it the qtype; the 24 bits there are the element's
+last field.  Which rule of the chain matches tells nothing: an element matches at any of
+them.  The gate keeps the 255 lookups off every other source's queries; a gate element's
+timeout is the longest qtype ban of its network (plus a minute), and ``add element``
+refreshes it.  Gates are never deleted (they drop nothing; an unneeded one costs only
+CPU until it times out), except a prefix gate inside a new wider one, which the interval
+set would refuse beside it.
+
+Sets and their costs (nft 1.0.6): addresses and prefixes live in separate sets because
+interval sets delete elements in quadratic time (removing 9,000 of 10,000 took 13.5 s,
+against 0.03 s from a plain set; 9,000 from a concatenated set such as hop4, 1.85 s), so
+the common bans, whole sources and UDP only of single addresses, are hash sets; hop and
+qtype bans, of an address or a prefix, are concatenated interval sets.  The address rules
+come first, so an address banned inside a banned prefix keeps counting its own packets and
+keeps its own expiry.
+
+An interval set refuses overlapping elements, so :func:`plan_commit` resolves overlaps
+before anything reaches nft, among the bans of one set (and, in qtype4, of one qtype;
+the hop ranges of two hop bans always overlap: each spares at most 8 of 256 values):
+
+* a new ban covered by a ban in place (a wider or equal network, a scope dropping at
+  least as much) is skipped (missing from the commit's ``added``);
+* a new ban replaces the bans it overlaps otherwise, taking over their counters: those of
+  networks inside its own, and one of the same network whose scope does not cover it (a
+  hop ban with other spared values: the newer wins);
+* a new ban inside a wider network's ban whose scope does not cover it is skipped too:
+  the wider network's ban wins.
+
+A hop or qtype ban is several elements with the same comment (one per dropped hop range);
+listing merges them into one ban, counters summed, and reads its scope from the set and
+the keys: the spared hop values are those no element covers.  Deleting a ban deletes all
+its elements.
 
 Every change is one ``nft -f -`` transaction fed on stdin (the text syntax: nft 1.0.6's JSON
 input ignores element counters, which a replaced ban must carry over), planned against a
@@ -44,20 +93,70 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from floodd.command import CommandTimeout, run
 from floodd.errors import Failure, FlooddError
 from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
 from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
+from floodd.scope import MAX_EXCEPT_HOPS, UDP_ONLY, WHOLE, Scope, Target
 
-# (IP version, is a prefix) -> set name; the order is the order of the drop rules
-SETS = {(4, False): "ban4", (6, False): "ban6", (4, True): "ban4net", (6, True): "ban6net"}
+FAMILIES = (4, 6)
+_IP = {4: "ip", 6: "ip6"}
+_HOP = {4: "ip ttl", 6: "ip6 hoplimit"}
+_ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
+# The sets a drop rule of the input chain looks up, in rule order.
+DROP_SETS = ("ban4", "ban6", "ban4net", "ban6net", "udp4", "udp6", "udp4net", "udp6net",
+             "hop4", "hop6")
+# Every set holding bans -> what its bans drop (ban: whole sources, udp: UDP only, hop:
+# UDP at some hop values, qtype: UDP queries of one type) and its IP version.
+BAN_SETS = {f"{kind}{version}{suffix}": (kind, version)
+            for kind, suffixes in (("ban", ("", "net")), ("udp", ("", "net")),
+                                   ("hop", ("",)), ("qtype", ("",)))
+            for suffix in suffixes for version in FAMILIES}
+# The gate sets and the chain each one leads to.
+GATES = {"qgate4": "qtype4", "qgate6": "qtype6", "qgate4net": "qtype4",
+         "qgate6net": "qtype6"}
+QTYPE_CHAINS = ("qtype4", "qtype6")
 CHAIN = "input"
 RULE_COMMENT = "floodd: drop banned sources"
+GATE_COMMENT = "floodd: banned query types"
 UNKNOWN_RULE = "(unknown)"
+QUESTION_OFFSET = 20  # bytes from the UDP header to a query's question
+MAX_NAME = 255  # longest question name in wire form (RFC 1035 2.3.4)
+GATE_MARGIN = 60.0  # seconds a gate outlives the qtype bans it leads to
+ALL_HOPS = (0, 255)
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+
+
+def name_offset(length: int) -> int:
+    """The bit offset in the UDP header of the root label of a question name of wire
+    length ``length`` (the qtype follows it)."""
+    return 8 * (QUESTION_OFFSET - 1 + length)
+
+
+def _wanted_rules() -> frozenset[str]:
+    """What :attr:`TableState.rules` holds when every rule of floodd's is in place."""
+    rules = {f"{CHAIN}: drop @{name}" for name in DROP_SETS}
+    rules |= {f"{CHAIN}: @{gate} jump {chain}" for gate, chain in GATES.items()}
+    rules |= {f"{chain}: drop @{chain} at {name_offset(length)}"
+              for chain in QTYPE_CHAINS for length in range(1, MAX_NAME + 1)}
+    return frozenset(rules)
+
+
+WANTED_SETS = frozenset([*DROP_SETS, *GATES, *QTYPE_CHAINS])
+WANTED_RULES = _wanted_rules()
+
+
+@dataclass(frozen=True)
+class KernelBan:
+    """One ban as the kernel holds it: the set it is in and its elements' keys, spelled
+    as nft takes them (what deleting it deletes)."""
+
+    ban: InstalledBan
+    set: str
+    keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -66,91 +165,35 @@ class TableState:
 
     exists: bool
     sets: frozenset[str]
-    drop_rules: frozenset[str]  # sets that a rule of the input chain drops packets from
-    bans: tuple[InstalledBan, ...]
+    # What floodd's rules there do: "input: drop @ban4", "input: @qgate4 jump qtype4",
+    # "qtype4: drop @qtype4 at 160" (the bit offset of the root label it reads).
+    rules: frozenset[str]
+    kernel_bans: tuple[KernelBan, ...]
+    # gate element -> unix time its timeout ends (whole seconds, rounded down)
+    gates: Mapping[Network, float] = field(default_factory=dict)
+
+    @property
+    def bans(self) -> tuple[InstalledBan, ...]:
+        return tuple(kb.ban for kb in self.kernel_bans)
 
     @property
     def complete(self) -> bool:
-        wanted = set(SETS.values())
-        return self.exists and wanted <= self.sets and wanted <= self.drop_rules
+        return self.exists and WANTED_SETS <= self.sets and WANTED_RULES <= self.rules
 
 
 ABSENT = TableState(False, frozenset(), frozenset(), ())
 
 
-def parse_table(data: Mapping[str, Any], table: str, now: float) -> TableState:
-    """Parse the JSON of ``nft -j list table inet TABLE`` (libnftables-json(5)).
-
-    Elements are ``{"elem": {"val": ADDR | {"prefix": {"addr", "len"}}, "timeout": s,
-    "expires": s, "comment": str, "counter": {"packets", "bytes"}}}``; ``timeout`` and
-    ``expires`` are whole seconds (``expires``, the time left, is the ``remaining`` of the
-    ban).  An element without floodd's comment (added by hand) is reported with rule
-    ``(unknown)`` and times from its timeout.
-    """
-    sets: set[str] = set()
-    drops: set[str] = set()
-    bans: list[InstalledBan] = []
-    exists = False
-    for obj in data.get("nftables", ()):
-        if "table" in obj and obj["table"].get("name") == table:
-            exists = True
-        elif "set" in obj and obj["set"].get("table") == table:
-            s = obj["set"]
-            sets.add(s["name"])
-            if s["name"] in SETS.values():
-                bans.extend(b for e in s.get("elem", ())
-                            if (b := _parse_elem(e, now)) is not None)
-        elif "rule" in obj and obj["rule"].get("table") == table \
-                and obj["rule"].get("chain") == CHAIN:
-            exprs = obj["rule"].get("expr", ())
-            if any("drop" in e for e in exprs):
-                for e in exprs:
-                    right = e.get("match", {}).get("right")
-                    if isinstance(right, str) and right.startswith("@"):
-                        drops.add(right[1:])
-    return TableState(exists, frozenset(sets), frozenset(drops), tuple(bans))
-
-
-def _parse_elem(item: Any, now: float) -> InstalledBan | None:
-    elem = item.get("elem", item) if isinstance(item, dict) else {"val": item}
-    val = elem.get("val")
-    if isinstance(val, str):
-        network: Network = ipaddress.ip_network(val)
-    elif isinstance(val, dict) and "prefix" in val:
-        network = ipaddress.ip_network(f"{val['prefix']['addr']}/{val['prefix']['len']}")
-    else:
-        return None  # floodd only writes addresses and prefixes
-    counter = elem.get("counter") or {}
-    remaining = float(elem["expires"]) if "expires" in elem else None
-    parsed = parse_ban_comment(elem.get("comment", ""))
-    if parsed is not None:
-        rule, since, expires = parsed
-    else:
-        timeout = elem.get("timeout")
-        expires = now + elem["expires"] if "expires" in elem else math.inf
-        since = now - (timeout - elem.get("expires", 0)) if timeout is not None else now
-        rule = UNKNOWN_RULE
-    return InstalledBan(network, rule, since, expires,
-                        int(counter.get("packets", 0)), int(counter.get("bytes", 0)), remaining)
-
-
-@dataclass(frozen=True)
-class Transaction:
-    """One transaction: elements to delete, then elements to add (with carried counters)."""
-
-    delete: tuple[Network, ...]
-    add: tuple[tuple[Ban, int, int], ...]  # ban, packets, bytes to start its counter at
-
-    def committed(self) -> Committed:
-        """What the kernel holds differently once the transaction is applied."""
-        added = tuple(ban for ban, _, _ in self.add)
-        readded = {ban.network for ban in added}
-        return Committed(added, tuple(n for n in self.delete if n not in readded))
-
-
-def set_of(network: Network) -> str:
-    """The set a ban of ``network`` lives in."""
-    return SETS[network.version, network.prefixlen < network.max_prefixlen]
+def set_of(target: Target) -> str:
+    """The set a ban of ``target`` lives in."""
+    network, scope = target
+    version = network.version
+    if scope.qtype is not None:
+        return f"qtype{version}"
+    if scope.except_hops:
+        return f"hop{version}"
+    kind = "udp" if scope.udp_only else "ban"
+    return f"{kind}{version}net" if _is_prefix(network) else f"{kind}{version}"
 
 
 def element(network: Network) -> str:
@@ -160,73 +203,353 @@ def element(network: Network) -> str:
     return str(network)
 
 
-def plan_commit(pending: Mapping[Network, Ban | None],
-                installed: Iterable[InstalledBan]) -> Transaction:
-    """Turn buffered changes (``None``: unban) into a transaction the sets accept."""
-    current = {b.network: b for b in installed}
-    delete: dict[Network, None] = {}  # a dict keeps the order
-    remaining = set(current)
-    for net, ban in pending.items():
-        if ban is None and net in current:
-            delete[net] = None
-            remaining.discard(net)
-    adds: list[tuple[Ban, int, int]] = []
-    prefix_lens: dict[int, set[int]] = {4: set(), 6: set()}
-    for net in remaining:
-        if net.prefixlen < net.max_prefixlen:
-            prefix_lens[net.version].add(net.prefixlen)
-    # widest first: a prefix is in `remaining` before any prefix it contains is looked at,
-    # so everything _replaced() finds is already in the kernel
+def _span(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _qtype_field(qtype: int) -> str:
+    """The 24 bits at the root label: 0, then the qtype."""
+    return f"0x{qtype:06x}"
+
+
+def element_keys(target: Target) -> tuple[str, ...]:
+    """The keys of the elements a ban of ``target`` is made of (one per dropped hop range
+    in hop and qtype sets)."""
+    network, scope = target
+    if scope.qtype is None and not scope.except_hops:
+        return (element(network),)
+    tail = "" if scope.qtype is None else f" . {_qtype_field(scope.qtype)}"
+    return tuple(f"{element(network)} . {_span(low, high)}{tail}"
+                 for low, high in scope.hops_dropped())
+
+
+def _is_prefix(network: Network) -> bool:
+    return network.prefixlen < network.max_prefixlen
+
+
+def _inside(inner: Network, outer: Network) -> bool:
+    """Whether ``inner`` lies within ``outer`` (or is it)."""
+    shift = outer.max_prefixlen - outer.prefixlen
+    return (inner.version == outer.version and inner.prefixlen >= outer.prefixlen
+            and int(inner.network_address) >> shift == int(outer.network_address) >> shift)
+
+
+# --- reading the kernel ---------------------------------------------------------------
+def parse_table(data: Mapping[str, Any], table: str, now: float) -> TableState:
+    """Parse the JSON of ``nft -j list table inet TABLE`` (libnftables-json(5)).
+
+    Elements are ``{"elem": {"val": KEY, "timeout": s, "expires": s, "comment": str,
+    "counter": {"packets", "bytes"}}}``; KEY is an address, ``{"prefix": {"addr", "len"}}``
+    or, in hop and qtype sets, ``{"concat": [ADDR-OR-PREFIX, HOP, QTYPE]}`` with HOP a
+    number or ``{"range": [lo, hi]}`` and QTYPE the 24-bit number (qtype sets only).
+    ``timeout`` and ``expires`` are whole seconds (``expires``, the time left, is the
+    ``remaining`` of the ban).  A ban's scope comes from its set and keys; an element
+    without floodd's comment (added by hand), or whose comment names another scope, is
+    reported with rule ``(unknown)`` and times from its timeout.  Keys floodd cannot
+    express as a ban (more than 8 spared hop values, a field that is not a qtype) are
+    left out.
+    """
+    sets: set[str] = set()
+    rules: set[str] = set()
+    bans: list[KernelBan] = []
+    gates: dict[Network, float] = {}
+    exists = False
+    for obj in data.get("nftables", ()):
+        if "table" in obj and obj["table"].get("name") == table:
+            exists = True
+        elif "set" in obj and obj["set"].get("table") == table:
+            s = obj["set"]
+            name = s["name"]
+            sets.add(name)
+            items = [i.get("elem", i) if isinstance(i, dict) else {"val": i}
+                     for i in s.get("elem", ())]
+            if name in GATES:
+                for elem in items:
+                    network = _network(elem.get("val"))
+                    if network is not None:
+                        gates[network] = now + elem.get("expires", math.inf)
+            elif name in BAN_SETS:
+                bans.extend(_parse_set(name, items, now))
+        elif "rule" in obj and obj["rule"].get("table") == table:
+            what = _rule_does(obj["rule"].get("chain", ""), obj["rule"].get("expr", ()))
+            if what is not None:
+                rules.add(what)
+    return TableState(exists, frozenset(sets), frozenset(rules), tuple(bans), gates)
+
+
+def _rule_does(chain: str, exprs: Sequence[Any]) -> str | None:
+    """What one rule does, in the words of :data:`WANTED_RULES`; None for anything else."""
+    looked_up = offset = verdict = None
+    for e in exprs:
+        match = e.get("match", {})
+        right = match.get("right")
+        if isinstance(right, str) and right.startswith("@"):
+            looked_up = right
+            fields = match.get("left", {}).get("concat", ())
+            raw = [f["payload"] for f in fields if "base" in f.get("payload", {})]
+            if raw and raw[0].get("base") == "th" and raw[0].get("len") == 24:
+                offset = raw[0].get("offset")
+        if "drop" in e:
+            verdict = "drop"
+        elif "jump" in e:
+            verdict = f"jump {e['jump'].get('target')}"
+    if looked_up is None or verdict is None:
+        return None
+    if verdict == "drop":
+        return f"{chain}: drop {looked_up}" + ("" if offset is None else f" at {offset}")
+    return f"{chain}: {looked_up} {verdict}"
+
+
+def _network(val: Any) -> Network | None:
+    if isinstance(val, str):
+        return ipaddress.ip_network(val)
+    if isinstance(val, dict) and "prefix" in val:
+        return ipaddress.ip_network(f"{val['prefix']['addr']}/{val['prefix']['len']}")
+    return None
+
+
+def _range(val: Any) -> tuple[int, int] | None:
+    if isinstance(val, int):
+        return val, val
+    if isinstance(val, dict) and isinstance(val.get("range"), list):
+        low, high = val["range"]
+        if isinstance(low, int) and isinstance(high, int):
+            return low, high
+    return None
+
+
+# (network, qtype) -> [(element, dropped hop range, key)]
+_Grouped = dict[tuple[Network, int | None], list[tuple[dict[str, Any], tuple[int, int], str]]]
+
+
+def _parse_set(name: str, items: list[dict[str, Any]], now: float) -> list[KernelBan]:
+    """The bans of one of floodd's drop sets: one per element, or per network (and qtype)
+    in hop and qtype sets, whose elements are merged."""
+    kind = BAN_SETS[name][0]
+    groups: _Grouped = {}
+    for elem in items:
+        val = elem.get("val")
+        parts = val["concat"] if isinstance(val, dict) and "concat" in val else [val]
+        want = {"hop": 2, "qtype": 3}.get(kind, 1)
+        if len(parts) != want:
+            continue
+        network = _network(parts[0])
+        hops = _range(parts[1]) if want > 1 else ALL_HOPS
+        qfield = _range(parts[2]) if want > 2 else None
+        if network is None or hops is None or (want > 2 and (
+                qfield is None or qfield[0] != qfield[1] or qfield[0] > 0xFFFF)):
+            continue  # not a key floodd writes
+        qtype = qfield[0] if qfield is not None else None
+        key = element(network)
+        if want > 1:
+            key += f" . {_span(*hops)}"
+        if qtype is not None:
+            key += f" . {_qtype_field(qtype)}"
+        groups.setdefault((network, qtype), []).append((elem, hops, key))
+    bans = []
+    for (network, qtype), found in groups.items():
+        spared = set(range(256))
+        for _, (low, high), _ in found:
+            spared -= set(range(low, high + 1))
+        if kind == "ban":
+            scope = WHOLE
+        elif kind == "udp":
+            scope = UDP_ONLY
+        elif len(spared) > MAX_EXCEPT_HOPS:
+            continue
+        else:
+            scope = Scope(True, qtype, tuple(sorted(spared)))
+        elems = [e for e, _, _ in found]
+        bans.append(KernelBan(_installed(network, scope, elems, now), name,
+                              tuple(k for _, _, k in found)))
+    return bans
+
+
+def _installed(network: Network, scope: Scope, elems: list[dict[str, Any]],
+               now: float) -> InstalledBan:
+    """One ban from its elements: counters summed; rule and times from their comment
+    when they all carry the same one of floodd's naming this scope."""
+    packets = sum(int((e.get("counter") or {}).get("packets", 0)) for e in elems)
+    bytes_ = sum(int((e.get("counter") or {}).get("bytes", 0)) for e in elems)
+    first = min(elems, key=lambda e: float(e.get("expires", math.inf)))
+    remaining = float(first["expires"]) if "expires" in first else None
+    comments = {e.get("comment", "") for e in elems}
+    parsed = parse_ban_comment(comments.pop()) if len(comments) == 1 else None
+    if parsed is not None and parsed[3] == scope:
+        rule, since, expires, _ = parsed
+    else:
+        timeout = first.get("timeout")
+        expires = now + first["expires"] if "expires" in first else math.inf
+        since = now - (timeout - first.get("expires", 0)) if timeout is not None else now
+        rule = UNKNOWN_RULE
+    return InstalledBan(network, rule, since, expires, packets, bytes_, remaining, scope)
+
+
+# --- planning a transaction -----------------------------------------------------------
+@dataclass(frozen=True)
+class Transaction:
+    """One transaction: bans and gates to delete, then to add (bans with carried
+    counters; gates with the unix time their timeout ends)."""
+
+    delete: tuple[KernelBan, ...]
+    add: tuple[tuple[Ban, int, int], ...]  # ban, packets, bytes to start its counter at
+    gate_delete: tuple[Network, ...] = ()
+    gate_add: tuple[tuple[Network, float], ...] = ()
+
+    def committed(self) -> Committed:
+        """What the kernel holds differently once the transaction is applied."""
+        added = tuple(ban for ban, _, _ in self.add)
+        readded = {ban.target for ban in added}
+        removed = dict.fromkeys(kb.ban.target for kb in self.delete)
+        return Committed(added, tuple(t for t in removed if t not in readded))
+
+
+@dataclass(eq=False)  # slots are told apart by identity
+class _Slot:
+    """A ban in the plan: in the kernel (``kernel``) or to be added (``ban``)."""
+
+    target: Target
+    expires: float
+    kernel: KernelBan | None = None
+    ban: Ban | None = None
+    packets: int = 0
+    bytes: int = 0
+
+
+class _Plan:
+    """The bans of the kernel as the transaction changes them, indexed for overlaps:
+    by overlap group (a set; in qtype sets, a set and qtype) and network."""
+
+    def __init__(self, installed: Iterable[KernelBan]) -> None:
+        self.groups: dict[tuple[str, int | None], dict[Network, _Slot]] = {}
+        self.lengths: dict[tuple[str, int | None], set[int]] = {}  # prefix lengths there
+        self.by_target: dict[Target, list[_Slot]] = {}
+        self.delete: list[KernelBan] = []
+        self.adds: dict[Target, _Slot] = {}
+        for kb in installed:
+            ib = kb.ban
+            self._put((kb.set, ib.scope.qtype),
+                      _Slot(ib.target, ib.expires, kb, None, ib.packets, ib.bytes))
+
+    def _put(self, group: tuple[str, int | None], slot: _Slot) -> None:
+        # A network has one slot per group (two would overlap); one added by hand beside
+        # another is still deleted with its target.
+        self.groups.setdefault(group, {})[slot.target.network] = slot
+        self.lengths.setdefault(group, set()).add(slot.target.network.prefixlen)
+        self.by_target.setdefault(slot.target, []).append(slot)
+
+    def drop(self, slot: _Slot) -> None:
+        """Take a slot out: its elements deleted, or its planned add given up."""
+        group = self.groups.get(self._group(slot), {})
+        if group.get(slot.target.network) is slot:
+            del group[slot.target.network]
+        self.by_target[slot.target].remove(slot)
+        if slot.kernel is not None:
+            self.delete.append(slot.kernel)
+        elif self.adds.get(slot.target) is slot:
+            del self.adds[slot.target]
+
+    def _group(self, slot: _Slot) -> tuple[str, int | None]:
+        name = slot.kernel.set if slot.kernel is not None else set_of(slot.target)
+        return name, slot.target.scope.qtype
+
+    def remove(self, target: Target) -> None:
+        for slot in list(self.by_target.get(target, ())):
+            self.drop(slot)
+
+    def place(self, ban: Ban) -> None:
+        """Add ``ban`` unless a ban in place covers it (see the module docstring)."""
+        group = (set_of(ban.target), ban.scope.qtype)
+        members = self.groups.get(group, {})
+        net = ban.network
+        wider = [members[sup] for length in self.lengths.get(group, ())
+                 if length <= net.prefixlen
+                 and (sup := net.supernet(new_prefix=length)) in members]
+        if any(s.target != ban.target and (s.target.network != net
+                                           or s.target.scope.covers(ban.scope))
+               for s in wider):
+            return
+        inside = [s for n, s in members.items() if n != net and _inside(n, net)] \
+            if _is_prefix(net) else []
+        slot = _Slot(ban.target, ban.expires, None, ban)
+        for old in [*wider, *inside, *self.by_target.get(ban.target, ())]:
+            if old in self.by_target.get(old.target, ()):
+                slot.packets += old.packets
+                slot.bytes += old.bytes
+                self.drop(old)
+        self._put(group, slot)
+        self.adds[ban.target] = slot
+
+    def gates(self, installed: Mapping[Network, float]) -> tuple[list[Network],
+                                                                 list[tuple[Network, float]]]:
+        """Gate elements to delete and to add or refresh, so that every qtype ban's
+        network is gated until the ban ends."""
+        needed: dict[Network, float] = {}
+        for (name, _), members in self.groups.items():
+            if name in QTYPE_CHAINS:
+                for net, slot in members.items():
+                    needed[net] = max(needed.get(net, -math.inf), slot.expires)
+        adds = [(net, ends + GATE_MARGIN) for net, ends in needed.items()
+                if not _is_prefix(net) and installed.get(net, -math.inf) < ends]
+        live = {net: ends for net, ends in installed.items() if _is_prefix(net)}
+        deletes = []
+        for net, ends in sorted(((n, e) for n, e in needed.items() if _is_prefix(n)),
+                                key=lambda item: (item[0].version, item[0].prefixlen)):
+            wider = next((g for g in live if _inside(net, g)), None)
+            if wider is not None:
+                if live[wider] < ends:
+                    live[wider] = ends + GATE_MARGIN
+                    adds.append((wider, live[wider]))
+                continue
+            inside = [g for g in live if _inside(g, net)]
+            deletes += inside
+            live[net] = max([ends + GATE_MARGIN, *(live.pop(g) for g in inside)])
+            adds.append((net, live[net]))
+        return deletes, adds
+
+
+def plan_commit(pending: Mapping[Target, Ban | None], installed: Iterable[KernelBan],
+                gates: Mapping[Network, float] | None = None) -> Transaction:
+    """Turn buffered changes (``None``: unban) into a transaction the sets accept, against
+    the bans and gate elements (-> the unix time each ends) in the kernel."""
+    plan = _Plan(installed)
+    for target, ban in pending.items():
+        if ban is None:
+            plan.remove(target)
+    # widest first: a prefix is placed before any network it contains is looked at, so a
+    # ban inside a new one of this batch is skipped like one inside a ban in the kernel
     for ban in sorted((b for b in pending.values() if b is not None),
                       key=lambda b: (b.network.version, b.network.prefixlen)):
-        net = ban.network
-        if _covered(net, remaining, prefix_lens[net.version]):
-            continue
-        packets = bytes_ = 0
-        for old in _replaced(net, remaining):
-            remaining.discard(old)
-            delete[old] = None
-            packets += current[old].packets
-            bytes_ += current[old].bytes
-        remaining.add(net)
-        if net.prefixlen < net.max_prefixlen:
-            prefix_lens[net.version].add(net.prefixlen)
-        adds.append((ban, packets, bytes_))
-    return Transaction(tuple(delete), tuple(adds))
+        plan.place(ban)
+    gate_delete, gate_add = plan.gates(gates or {})
+    return Transaction(tuple(plan.delete),
+                       tuple((s.ban, s.packets, s.bytes) for s in plan.adds.values()
+                             if s.ban is not None),
+                       tuple(gate_delete), tuple(gate_add))
 
 
-def _covered(net: Network, remaining: set[Network], prefix_lens: set[int]) -> bool:
-    """Whether a new prefix lies inside a banned prefix (the interval set would refuse it)."""
-    if net.prefixlen == net.max_prefixlen:
-        return False  # addresses are in their own set: no overlap to refuse
-    return any(net.supernet(new_prefix=length) in remaining
-               for length in prefix_lens if length < net.prefixlen)
-
-
-def _replaced(net: Network, remaining: set[Network]) -> list[Network]:
-    """Elements a ban of ``net`` replaces: ``net`` itself and, for a prefix, the banned
-    prefixes inside it."""
-    if net.prefixlen == net.max_prefixlen:
-        return [net] if net in remaining else []
-    shift = net.max_prefixlen - net.prefixlen
-    base = int(net.network_address) >> shift
-    return [n for n in remaining
-            if n.version == net.version and net.prefixlen <= n.prefixlen < n.max_prefixlen
-            and int(n.network_address) >> shift == base]
+def _timeout(ends: float, now: float) -> str:
+    return f"timeout {max(1000, round((ends - now) * 1000))}ms"
 
 
 def render_commit(plan: Transaction, table: str, now: float) -> str:
     """The ``nft -f`` script for a plan (empty when there is nothing to do)."""
     gone: dict[str, list[str]] = {}
-    for net in plan.delete:
-        gone.setdefault(set_of(net), []).append(element(net))
+    for kb in plan.delete:
+        gone.setdefault(kb.set, []).extend(kb.keys)
+    for net in plan.gate_delete:
+        gone.setdefault(f"qgate{net.version}net", []).append(element(net))
     new: dict[str, list[str]] = {}
     for ban, packets, bytes_ in plan.add:
-        timeout_ms = max(1000, round((ban.expires - now) * 1000))
-        counter = f" counter packets {packets} bytes {bytes_}" if packets or bytes_ else ""
-        new.setdefault(set_of(ban.network), []).append(
-            f'{element(ban.network)}{counter} timeout {timeout_ms}ms '
-            f'comment "{ban_comment(ban)}"')
+        comment = f'{_timeout(ban.expires, now)} comment "{ban_comment(ban)}"'
+        for i, key in enumerate(element_keys(ban.target)):
+            # the carried counter goes to the first element: listing sums them
+            counter = f" counter packets {packets} bytes {bytes_}" \
+                if i == 0 and (packets or bytes_) else ""
+            new.setdefault(set_of(ban.target), []).append(f"{key}{counter} {comment}")
+    for net, ends in plan.gate_add:
+        name = f"qgate{net.version}net" if _is_prefix(net) else f"qgate{net.version}"
+        new.setdefault(name, []).append(f"{element(net)} {_timeout(ends, now)}")
     lines = [f"delete element inet {table} {name} {{ {', '.join(elems)} }}"
              for name, elems in gone.items()]
     lines += [f"add element inet {table} {name} {{ {', '.join(elems)} }}"
@@ -234,6 +557,7 @@ def render_commit(plan: Transaction, table: str, now: float) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+# --- the backend ----------------------------------------------------------------------
 class NftablesBackend(Buffered):
     """floodd's bans in the nftables table ``inet TABLE`` (see the module docstring)."""
 
@@ -256,33 +580,60 @@ class NftablesBackend(Buffered):
         self.ports = tuple(ports)
         self.protocols = tuple(protocols)
 
-    def _match(self) -> str:
+    def _match(self, udp_only: bool) -> str:
+        """What a drop rule matches before the source: the scope's ports and protocols
+        (UDP only for the UDP-only sets, whatever the configured protocols)."""
+        ports = sorted(set(self.ports))
+        port = str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
+        if udp_only:
+            return "meta l4proto udp " if self.scope == "all" else f"udp dport {port} "
         if self.scope == "all":
             return ""
         protos = sorted(set(self.protocols))
-        ports = sorted(set(self.ports))
         proto = protos[0] if len(protos) == 1 else "{ " + ", ".join(protos) + " }"
-        port = str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
         return f"meta l4proto {proto} th dport {port} "
 
     def setup_script(self) -> str:
         t = self.table
-        match = self._match()
         lines = [f"add table inet {t}"]
-        for (version, prefix), name in SETS.items():
-            flags = "interval, timeout" if prefix else "timeout"
-            lines.append(f"add set inet {t} {name} "
-                         f"{{ type ipv{version}_addr; flags {flags}; counter; }}")
+        for version in FAMILIES:
+            ip, hop, addr = _IP[version], _HOP[version], _ADDR[version]
+            for kind in ("ban", "udp"):
+                lines += [f"add set inet {t} {kind}{version} "
+                          f"{{ type {addr}; flags timeout; counter; }}",
+                          f"add set inet {t} {kind}{version}net "
+                          f"{{ type {addr}; flags interval, timeout; counter; }}"]
+            lines += [
+                f"add set inet {t} hop{version} "
+                f"{{ typeof {ip} saddr . {hop}; flags interval, timeout; counter; }}",
+                f"add set inet {t} qtype{version} {{ typeof {ip} saddr . {hop} . "
+                f"@th,{name_offset(1)},24; flags interval, timeout; counter; }}",
+                f"add set inet {t} qgate{version} {{ type {addr}; flags timeout; }}",
+                f"add set inet {t} qgate{version}net "
+                f"{{ type {addr}; flags interval, timeout; }}",
+                f"add chain inet {t} qtype{version}",
+            ]
         lines += [
             f"add chain inet {t} {CHAIN} "
             "{ type filter hook input priority filter - 10; policy accept; }",
             # the rules follow the configuration: replaced in the same transaction
             f"flush chain inet {t} {CHAIN}",
         ]
-        for (version, _), name in SETS.items():
-            ip = "ip" if version == 4 else "ip6"
-            lines.append(f'add rule inet {t} {CHAIN} {match}{ip} saddr @{name} drop '
-                         f'comment "{RULE_COMMENT}"')
+        for chain in QTYPE_CHAINS:
+            version = BAN_SETS[chain][1]
+            lines.append(f"flush chain inet {t} {chain}")
+            lines += [f"add rule inet {t} {chain} {_IP[version]} saddr . {_HOP[version]} . "
+                      f"@th,{name_offset(length)},24 @{chain} drop"
+                      for length in range(1, MAX_NAME + 1)]
+        for name in DROP_SETS:
+            kind, version = BAN_SETS[name]
+            key = f"{_IP[version]} saddr" + (f" . {_HOP[version]}" if kind == "hop" else "")
+            lines.append(f"add rule inet {t} {CHAIN} {self._match(kind != 'ban')}"
+                         f'{key} @{name} drop comment "{RULE_COMMENT}"')
+        for gate, chain in GATES.items():
+            lines.append(f"add rule inet {t} {CHAIN} {self._match(True)}"
+                         f"{_IP[BAN_SETS[chain][1]]} saddr @{gate} jump {chain} "
+                         f'comment "{GATE_COMMENT}"')
         return "\n".join(lines) + "\n"
 
     def setup(self) -> None:
@@ -294,7 +645,7 @@ class NftablesBackend(Buffered):
 
         A retry covers the race with the kernel: an element whose timeout fires between the
         listing and the transaction makes its delete fail.  An nft that hangs is not tried
-        again.  A prefix inside a banned prefix is not added (see :func:`plan_commit`): it
+        again.  A ban covered by one in place is not added (see :func:`plan_commit`): it
         is missing from the result's ``added``.
         """
         pending = self._take()
@@ -307,19 +658,19 @@ class NftablesBackend(Buffered):
         except FlooddError:
             return self._apply(pending)
 
-    def _apply(self, pending: Mapping[Network, Ban | None]) -> Committed:
+    def _apply(self, pending: Mapping[Target, Ban | None]) -> Committed:
         state = self.state()
         if not state.exists:
             raise Failure(f"nftables table inet {self.table} does not exist "
                               "(the firewall is not set up)")
-        plan = plan_commit(pending, state.bans)
+        plan = plan_commit(pending, state.kernel_bans, state.gates)
         script = render_commit(plan, self.table, time.time())
         if script:
             _nft(["-f", "-"], script)
         return plan.committed()
 
     def state(self) -> TableState:
-        """Table, sets, drop rules and bans in one ``nft -j list table`` call."""
+        """Table, sets, rules, bans and gates in one ``nft -j list table`` call."""
         proc = _nft(["-j", "list", "table", "inet", self.table], missing_ok=True)
         if proc is None:
             return ABSENT

@@ -1,0 +1,333 @@
+"""The usual hop values of each source (or prefix), learned from its traffic.
+
+A packet's hop value is its IPv4 TTL or IPv6 hop limit as it arrives: the sender's
+initial value minus the routers on the way, so the packets of one real source carry
+one or two stable values, and a forger elsewhere on the network other ones.
+:class:`HopHistory` remembers, per key (bytes: a packed source address, or a prefix
+key as :mod:`floodd.detect.traffic` builds them), the values that were usual before a
+flood, so that a ban can spare them.  It is fed *pairs*: the key followed by one byte,
+the hop value (:func:`hop_keys`), as the evidence tables count them.
+
+Learning.
+* A UDP value becomes usual when it is seen again at least ``learn_after`` seconds
+  after it was first seen, and the key was not marked flooding since
+  (:meth:`HopHistory.suspect`): a flood that starts now cannot teach its own values
+  before its rule fires, provided ``learn_after`` is at least the rule window, and a
+  one-off packet (a forged probe) teaches nothing.  Until then a value is *pending*.
+* ``suspect(key, now)`` discards the key's pending values and learns no UDP value for
+  it (nor takes it on probation) for ``learn_after`` seconds from the latest call.
+* Values seen over handshake-verified TCP (``F_VERIFIED``: a forged source cannot
+  complete a handshake) are a trusted tier: once a key has one, its usual values are
+  its verified ones, usual at once; its UDP values are dropped and UDP cannot add any.
+  A suspect key still learns verified values.
+* At most ``MAX_EXCEPT_HOPS`` values are held per key (what one ban can spare).  A new
+  value takes the place of the least recently seen pending one, or if every value
+  held is usual, of the least recently seen usual one: a real source's value, seen in
+  every batch, stays, while values a forger rotates through push out each other.
+
+What a forger can still do: values sent with a real source's address at a low rate
+(below every rule) for longer than ``learn_after`` become usual like the real ones
+(priming).  A ban then spares them too, and if the flood comes with them its packets
+count as the source's own.  A source seen over verified TCP cannot be primed.
+
+Memory (at most ``capacity`` established keys plus ``probation`` pairs):
+* a key seen for the first time goes on probation: its (key, value) pair is kept in
+  two generations of ``probation // 2`` pairs each, with the time it was first seen.
+  When the young generation is full it becomes the old one and the old one is
+  dropped; a pair seen again moves to the young generation (keeping its first
+  time), so pairs that keep coming survive and one-off ones leave after two
+  generations.  A pair seen again ``learn_after`` after it was first seen
+  establishes its key, with that value usual.  A flood of forged one-off sources
+  therefore churns the probation only: it never takes the place of an established
+  key.  (New sources are learned while fewer than ``probation // 2`` new pairs come
+  per time a source takes to come back; during a large forged flood, they may not.)
+* established keys, when there are ``capacity`` of them, make room for a new one
+  by dropping the ``capacity // 16`` least recently seen, at once.
+* suspect marks are kept for ``learn_after``; more than ``capacity`` at once keep
+  the latest ``capacity // 2``.
+About 300 bytes per established key with one value (bench/bench_memory.py).
+
+CPU.  Per batch, every per-packet step runs in C (``set``, dict views, ``map``,
+``compress``): the pairs already held refresh their time, those of unknown keys go
+on probation.  Python-level steps, one per *observation*, are taken only for a
+verified pair not yet held, a new value of an established key, and a pair on
+probation seen again (the promotion check); ``budget`` (``LEARN_BUDGET``, 10,000)
+bounds them per second of the clock.  Beyond it, observations are left out
+(counted in ``skipped``) until the next second: established keys keep their
+values and their times, but new values and new keys may not be learned during
+such a flood.  10,000 observations cost about 10-20 ms of CPU a second.
+
+Every method takes the clock as ``now`` (monotonic in the daemon, the capture's
+timestamps offline).  Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from itertools import compress, islice, repeat
+from operator import add, itemgetter, not_
+
+from floodd.scope import MAX_EXCEPT_HOPS
+
+HOP_BYTES = tuple(bytes((hop,)) for hop in range(256))  # the suffix of a pair, per value
+LEARN_BUDGET = 10_000  # observations taken per second (see the module docstring)
+PROBATION_SHARE = 4  # the probation holds capacity // PROBATION_SHARE pairs at most
+EVICT_SHARE = 16  # a full history drops capacity // EVICT_SHARE keys at once
+
+_key_of = itemgetter(slice(None, -1))  # a pair's key
+
+
+def hop_keys(keys: Iterable[bytes], hops: Iterable[int]) -> list[bytes]:
+    """The pair of each key and hop value (0..255): the key followed by one byte."""
+    return list(map(add, keys, map(HOP_BYTES.__getitem__, hops)))
+
+
+class HopHistory:
+    """Per key, the hop values usual before a flood; bounded in memory and CPU."""
+
+    def __init__(self, capacity: int, learn_after: float, budget: int = LEARN_BUDGET) -> None:
+        if capacity < EVICT_SHARE:
+            raise ValueError(f"capacity must be at least {EVICT_SHARE}, got {capacity!r}")
+        if not (math.isfinite(learn_after) and learn_after >= 0):
+            raise ValueError(f"learn_after must be a number of seconds, got {learn_after!r}")
+        self.capacity = capacity
+        self.learn_after = learn_after  # the daemon may change it on reload
+        self.budget = budget
+        self.probation = max(capacity // PROBATION_SHARE, 2)
+        self.skipped = 0  # observations left out by the budget
+        # Invariants, for every established key k (and only those):
+        #   _seen[k] = when k was last seen; _hops[k] = the values held (at most
+        #   MAX_EXCEPT_HOPS), each value h as pair p = k + HOP_BYTES[h] in _last
+        #   (when p was last seen); p in _pending (when first seen) while h may not be
+        #   usual yet, i.e. unless _last[p] - _pending[p] >= learn_after; k in
+        #   _verified iff the values held were seen over verified TCP (none pending).
+        # Pairs on probation (keys not established) are in _young or _old, not both.
+        self._seen: dict[bytes, float] = {}
+        self._hops: dict[bytes, bytes] = {}
+        self._last: dict[bytes, float] = {}
+        self._pending: dict[bytes, float] = {}
+        self._verified: set[bytes] = set()
+        self._young: dict[bytes, float] = {}
+        self._old: dict[bytes, float] = {}
+        self._blocked: dict[bytes, float] = {}  # suspect key -> learning resumes at
+        self._unblock = math.inf  # the earliest time in _blocked
+        self._settle_at = -math.inf  # next time pending values that became usual are settled
+        self._second = -math.inf  # the second of the clock the budget is spent in
+        self._spent = 0
+
+    def __len__(self) -> int:
+        """Keys established plus pairs on probation: at most capacity + probation."""
+        return len(self._seen) + len(self._young) + len(self._old)
+
+    def established(self) -> int:
+        return len(self._seen)
+
+    def usual(self, key: bytes) -> tuple[int, ...]:
+        """The key's usual hop values, sorted (none if it has no history)."""
+        held = self._hops.get(key)
+        if not held:
+            return ()
+        if key in self._verified:
+            return tuple(sorted(held))
+        return tuple(sorted(h for h in held if self._is_usual(key + HOP_BYTES[h])))
+
+    def held(self, key: bytes) -> bytes:
+        """Every value held for an established key, usual or pending (one byte each)."""
+        return self._hops.get(key, b"")
+
+    def verified(self, key: bytes) -> bool:
+        """Whether the key's usual values were seen over handshake-verified TCP."""
+        return key in self._verified
+
+    def forget(self, key: bytes) -> None:
+        """Drop what is established about ``key`` (its values; a suspect mark stays)."""
+        held = self._hops.pop(key, None)
+        if held is None:
+            return
+        del self._seen[key]
+        self._verified.discard(key)
+        for hop in held:
+            self._drop_pair(key + HOP_BYTES[hop])
+
+    def suspect(self, key: bytes, now: float) -> None:
+        """``key`` is flooding: discard its values not usual yet (pending, on probation)
+        and learn no UDP value for it until ``now + learn_after``."""
+        held = self._hops.get(key)
+        if held and key not in self._verified:
+            keep = bytearray()
+            for hop in held:
+                pair = key + HOP_BYTES[hop]
+                if self._is_usual(pair):
+                    self._pending.pop(pair, None)
+                    keep.append(hop)
+                else:
+                    self._drop_pair(pair)
+            self._hops[key] = bytes(keep)
+        pairs = list(map(key.__add__, HOP_BYTES))
+        for generation in (self._young, self._old):
+            deque(map(generation.pop, pairs, repeat(None)), maxlen=0)  # in C
+        until = now + self.learn_after
+        self._blocked.pop(key, None)  # re-inserted last: the dict stays in time order
+        self._blocked[key] = until
+        self._unblock = min(self._unblock, until)
+        if len(self._blocked) > self.capacity:
+            self._unblock_expired(now)
+            if len(self._blocked) > self.capacity:
+                self._blocked = dict(islice(self._blocked.items(),
+                                            len(self._blocked) - self.capacity // 2, None))
+
+    def observe(self, now: float, pairs: Sequence[bytes],
+                verified: Sequence[bytes] = ()) -> None:
+        """Learn from one batch: ``pairs`` of every packet (repeats allowed), and among
+        them ``verified``, those of packets over handshake-verified TCP."""
+        if not pairs:
+            return
+        second = math.floor(now)
+        if second > self._second:
+            self._second, self._spent = second, 0
+        if now >= self._unblock:
+            self._unblock_expired(now)
+        if now >= self._settle_at:
+            self._settle(now)
+        if verified:
+            self._learn_verified(now, set(verified))
+        distinct = set(pairs)
+        last, seen = self._last, self._seen
+        held = last.keys() & distinct
+        if held:
+            last.update(dict.fromkeys(held, now))
+        keys = set(map(_key_of, distinct))
+        established = seen.keys() & keys
+        if established:
+            seen.update(dict.fromkeys(established, now))
+        fresh = list(distinct.difference(held))
+        if not fresh:
+            return
+        known = list(map(seen.__contains__, map(_key_of, fresh)))
+        new_values = list(compress(fresh, known))
+        if new_values:
+            self._learn_values(now, new_values)
+        if len(new_values) < len(fresh):
+            self._probation_step(now, set(compress(fresh, map(not_, known))))
+
+    def _take(self, wanted: int) -> int:
+        """How many of ``wanted`` observations the budget allows now (spent at once)."""
+        allowed = min(wanted, max(self.budget - self._spent, 0))
+        self._spent += allowed
+        self.skipped += wanted - allowed
+        return allowed
+
+    def _is_usual(self, pair: bytes) -> bool:
+        first = self._pending.get(pair)
+        return first is None or self._last[pair] - first >= self.learn_after
+
+    def _drop_pair(self, pair: bytes) -> None:
+        del self._last[pair]
+        self._pending.pop(pair, None)
+
+    def _settle(self, now: float) -> None:
+        """Forget when the pending values that became usual were first seen (memory)."""
+        after, last = self.learn_after, self._last
+        self._pending = {p: first for p, first in self._pending.items()
+                         if last[p] - first < after}
+        self._settle_at = now + max(after, 1.0)
+
+    def _unblock_expired(self, now: float) -> None:
+        self._blocked = {k: until for k, until in self._blocked.items() if until > now}
+        self._unblock = min(self._blocked.values(), default=math.inf)
+
+    def _unblocked(self, pairs: list[bytes]) -> list[bytes]:
+        """The pairs whose key is not suspect."""
+        if not self._blocked:
+            return pairs
+        return list(compress(pairs, map(not_, map(self._blocked.__contains__,
+                                                  map(_key_of, pairs)))))
+
+    def _establish(self, now: float, key: bytes) -> None:
+        if key in self._seen:
+            return
+        if len(self._seen) >= self.capacity:
+            seen = self._seen
+            for old in heapq.nsmallest(self.capacity // EVICT_SHARE, seen, key=seen.__getitem__):
+                self.forget(old)
+        self._seen[key] = now
+        self._hops[key] = b""
+
+    def _add_value(self, key: bytes, pair: bytes, now: float, first: float) -> None:
+        """Hold a new value for established ``key``: pending since ``first`` (UDP), or
+        usual (verified keys: ``first`` is ignored)."""
+        held = self._hops[key]
+        if len(held) >= MAX_EXCEPT_HOPS:
+            held = self._make_room(key, held)
+        self._hops[key] = held + pair[-1:]
+        self._last[pair] = now
+        if key not in self._verified:
+            self._pending[pair] = first
+
+    def _make_room(self, key: bytes, held: bytes) -> bytes:
+        """Drop the least recently seen pending value, or else usual one."""
+        last = self._last
+        pairs = [key + HOP_BYTES[h] for h in held]
+        pending = [p for p in pairs if not self._is_usual(p)]
+        victim = min(pending or pairs, key=last.__getitem__)
+        self._drop_pair(victim)
+        return held.replace(victim[-1:], b"")
+
+    def _learn_verified(self, now: float, distinct: set[bytes]) -> None:
+        last, verified = self._last, self._verified
+        todo = [p for p in distinct if p not in last or _key_of(p) not in verified]
+        for pair in todo[:self._take(len(todo))]:
+            key = _key_of(pair)
+            self._establish(now, key)
+            if key not in verified:  # the trusted tier replaces the UDP values
+                for hop in self._hops[key]:
+                    self._drop_pair(key + HOP_BYTES[hop])
+                self._hops[key] = b""
+                verified.add(key)
+            self._add_value(key, pair, now, now)
+
+    def _learn_values(self, now: float, pairs: list[bytes]) -> None:
+        """New UDP values of established keys (pairs not held)."""
+        if self._verified:
+            pairs = list(compress(pairs, map(not_, map(self._verified.__contains__,
+                                                       map(_key_of, pairs)))))
+        pairs = self._unblocked(pairs)
+        young, old = self._young, self._old
+        for pair in pairs[:self._take(len(pairs))]:
+            # A pair may be on probation since before its key was established.
+            first = young.pop(pair, None)
+            if first is None:
+                first = old.pop(pair, now)
+            self._add_value(_key_of(pair), pair, now, first)
+
+    def _probation_step(self, now: float, pairs: set[bytes]) -> None:
+        """Pairs of keys not established: promote those seen again ``learn_after`` after
+        they were first seen, move the other ones seen again to the young generation,
+        take the new ones on probation."""
+        young, old = self._young, self._old
+        again_old = old.keys() & pairs
+        again_young = young.keys() & pairs
+        carry = dict(zip(again_old, map(old.pop, again_old)))
+        carry.update(zip(again_young, map(young.pop, again_young)))
+        new = self._unblocked(list(pairs.difference(carry)))
+        if carry:
+            cutoff = now - self.learn_after
+            checked = list(islice(carry, self._take(len(carry))))
+            for pair in checked:
+                first = carry[pair]
+                if first <= cutoff:
+                    del carry[pair]
+                    key = _key_of(pair)
+                    self._establish(now, key)
+                    self._add_value(key, pair, now, first)
+        half = self.probation // 2
+        if len(young) + len(carry) + len(new) > half:
+            self._old, self._young = young, {}
+            young = self._young
+        young.update(islice(carry.items(), half))
+        room = half - len(young)
+        if room > 0 and new:
+            young.update(dict.fromkeys(islice(new, room), now))
