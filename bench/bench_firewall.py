@@ -7,6 +7,10 @@ namespace times
   (a) setup + ban 10,000 sources from 198.18.0.0/15 in one batch (one commit);
   (b) reading every ban with its counters back (one list());
   (c) unbanning all 10,000 in one batch;
+  (d) the same three steps for bans of narrower scopes: 10,000 UDP-only bans, and a
+      tenth as many (1,000) bans of UDP at all hop values but 64, of ANY queries, and of
+      ANY queries at all hop values but 63 and 64 (nftables keeps these in concatenated
+      interval sets, several elements per ban, whose deletes are slow);
 
 and, as the baseline, 50 bans made the way fail2ban does, one process per ban
 (``nft add element ...`` / ``iptables-legacy -I ...``), extrapolated to 10,000.
@@ -18,7 +22,8 @@ the ruleset costs every query.
     .venv/bin/python -m bench.bench_firewall [--bans N] [--seconds S] [--rounds N]
                                              [--backend NAME]
 
-Targets (exit status 1 if missed): each of (a), (b), (c) at most 1 s for 10,000 bans.
+Targets (exit status 1 if missed): each of (a), (b), (c) at most 1 s for 10,000 bans; in
+(d), 1 s per 10,000 UDP-only bans and per 1,000 of the others.
 Needs root, ip, named, dnsperf.
 """
 
@@ -39,11 +44,17 @@ from typing import Any
 from floodd.config import FirewallConfig
 from floodd.enforce.firewall import make_backend
 from floodd.enforce.firewall.base import Backend, Ban
+from floodd.scope import UDP_ONLY, WHOLE, Scope
 
 TARGET_SECONDS = 1.0
 BASELINE_BANS = 50
 FLOOD_BASE = ipaddress.ip_address("198.18.0.0")
 CLIENT = "198.51.100.7"  # dnsperf's source, never banned
+ANY = 255
+# (name, scope, bans timed per 10,000 of --bans) of (d)
+SCOPES = (("UDP only", UDP_ONLY, 10_000), ("UDP, hop not 64", Scope(True, None, (64,)), 1_000),
+          ("ANY queries", Scope(True, ANY), 1_000),
+          ("ANY, hop not 63/64", Scope(True, ANY, (63, 64)), 1_000))
 
 
 def _backend(name: str) -> Backend:
@@ -51,10 +62,10 @@ def _backend(name: str) -> Backend:
     return backend
 
 
-def _bans(count: int, offset: int = 0) -> list[Ban]:
+def _bans(count: int, offset: int = 0, scope: Scope = WHOLE) -> list[Ban]:
     now = time.time()
-    return [Ban(ipaddress.ip_network(FLOOD_BASE + offset + i), "bench", now, now + 3600)
-            for i in range(count)]
+    return [Ban(ipaddress.ip_network(FLOOD_BASE + offset + i), "bench", now, now + 3600,
+                scope) for i in range(count)]
 
 
 def _one_process_per_ban(name: str, count: int) -> float:
@@ -90,22 +101,37 @@ def inner(name: str, count: int) -> dict[str, Any]:
     backend.ban(bans)
     backend.commit()
     t_ban = time.perf_counter() - started
+    t_list, t_unban = _list_and_unban(name, backend, bans)
+    scoped = {}
+    for what, scope, per_10k in SCOPES:
+        bans = _bans(max(1, count * per_10k // 10_000), scope=scope)
+        started = time.perf_counter()
+        backend.ban(bans)
+        taken = len(backend.commit().added)
+        if taken != len(bans):
+            raise SystemExit(f"{name}: {taken} of {len(bans)} {what} bans taken")
+        scoped[what] = (len(bans), time.perf_counter() - started,
+                        *_list_and_unban(name, backend, bans))
+    return {"ban": t_ban, "list": t_list, "unban": t_unban,
+            "baseline": baseline / BASELINE_BANS * count, "scoped": scoped}
 
+
+def _list_and_unban(name: str, backend: Backend, bans: list[Ban]) -> tuple[float, float]:
+    """Seconds to list ``bans`` (all that is banned) and to unban them all."""
     started = time.perf_counter()
     listed = backend.list()
     t_list = time.perf_counter() - started
-    if len(listed) != count or sum(b.packets for b in listed) != 0:
-        raise SystemExit(f"{name}: listed {len(listed)} bans, expected {count}")
+    if {b.target for b in listed} != {b.target for b in bans} or \
+            sum(b.packets for b in listed) != 0:
+        raise SystemExit(f"{name}: listed {len(listed)} bans, expected {len(bans)}")
 
     started = time.perf_counter()
-    backend.unban([b.network for b in bans])
+    backend.unban([b.target for b in bans])
     backend.commit()
     t_unban = time.perf_counter() - started
     if backend.list():
         raise SystemExit(f"{name}: bans left after unbanning them all")
-
-    return {"ban": t_ban, "list": t_list, "unban": t_unban,
-            "baseline": baseline / BASELINE_BANS * count}
+    return t_list, t_unban
 
 
 def _inner_cmd(name: str, what: str, count: int) -> list[str]:
@@ -159,6 +185,14 @@ def outer(names: list[str], count: int, seconds: float, rounds: int) -> int:
                 missed |= not ok
                 print(f"  {what:<36} {t[step]:7.3f} s  {'ok' if ok else 'MISSED'} "
                       f"(target {TARGET_SECONDS:g} s per 10,000)")
+            for what, _, per_10k in SCOPES:
+                n, *times = t["scoped"][what]
+                for step, took in zip(("ban", "list", "unban"), times):
+                    ok = took <= TARGET_SECONDS * n / per_10k
+                    missed |= not ok
+                    print(f"  {what + ':':<19} {step:<5} {n:>6} bans       {took:7.3f} s  "
+                          f"{'ok' if ok else 'MISSED'} (target {TARGET_SECONDS:g} s per "
+                          f"{per_10k:,})")
             print(f"  one process per ban ({BASELINE_BANS} timed, x{count // BASELINE_BANS}) "
                   f"{t['baseline']:7.3f} s  -> one batch is {t['baseline'] / t['ban']:.0f}x "
                   "faster")
@@ -188,7 +222,7 @@ def main() -> int:
             backend.ban(_bans(args.bans))
             backend.commit()
         elif args.inner == "clear":
-            backend.unban([b.network for b in backend.list()])
+            backend.unban([b.target for b in backend.list()])
             backend.commit()
         else:
             backend.teardown()

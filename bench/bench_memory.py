@@ -6,20 +6,24 @@ counted at one time), on a simulated clock, with the traffic shapes that fill
 it most:
 
   (a) steady: ``rate_table.capacity`` IPv6 sources, each in its own /64, each
-      sending one ANY query (a qtype a rule watches) in every bucket, for the
-      longest rule window plus two buckets: every table (per source, per /64,
-      per source+ANY over 60 s and over 10 s, per qtype) holds ``capacity``
-      keys, each seen in every bucket of its window;
-  (b) the same sources going on, plus a spoofed flood of one-packet sources
-      (one ANY query each, a new /64 every packet) at --spoofed packets/s, so
-      the bound drops keys all the time.
+      sending one ANY query (a qtype a rule watches) over handshake-verified TCP
+      (TTL 64) in every bucket, for the longest rule window plus two buckets: every
+      table (per source, per /64, per source+ANY over 60 s and over 10 s, per qtype,
+      and each rule table's ``+hop`` and ``+tcp`` evidence tables) holds
+      ``capacity`` keys, each seen in every bucket of its window, and both hop
+      histories (per source, per /64) hold ``trust.hop_capacity`` keys (verified
+      values are learned at once);
+  (b) the same sources going on, plus a spoofed flood of one-packet UDP sources
+      (one ANY query each, a new /64 every packet, a hop value each) at
+      --spoofed packets/s, so the bound drops keys all the time and the hop
+      histories' probation is full.
 
 IPv6 keys are the largest (16-byte addresses); counts stay below 256 per bucket
 (one byte each: more would take over 25 million packets/s at capacity
 100,000).  Then the steady shape (a) again through the textbook sliding window
 in the same process: one dict of key -> packets per bucket for each table, the
 layout floodd's rate table had before it kept a ring of per-bucket counts per
-key.
+key (the hop histories have no counterpart there).
 
     .venv/bin/python -m bench.bench_memory [--spoofed N] [--spoofed-seconds S]
                                            [--tracemalloc]
@@ -44,14 +48,16 @@ from typing import Any
 
 from bench.rss import peak_rss_mb, vm_rss_mb
 from floodd.config import default_config, load_config
-from floodd.detect.parse import Record
-from floodd.detect.traffic import (PREFIX, QTYPE, SOURCE, TableSpec, Traffic, prefix_keys,
-                                   qtype_key)
+from floodd.detect.hops import hop_keys
+from floodd.detect.parse import F_VERIFIED, TCP, UDP, Record
+from floodd.detect.traffic import (HOP_SUFFIX, PREFIX, QTYPE, SOURCE_QTYPE, TCP_SUFFIX,
+                                   TableSpec, Traffic, prefix_keys, qtype_key)
 
 ROOT = Path(__file__).resolve().parents[1]
 ANY = 255
 BATCH = 1024
 START = 1000.0
+STEADY_HOP = 64
 
 
 
@@ -80,7 +86,8 @@ class Clock:
 def shape(clock: Clock, sources: int, seconds: int, spoofed: int
           ) -> Iterator[tuple[float, list[Record]]]:
     """(time, records) of each batch: every one of ``sources`` steady sources once a
-    second, and ``spoofed`` new one-packet sources a second spread evenly among them."""
+    second (verified TCP), and ``spoofed`` new one-packet sources a second (UDP) spread
+    evenly among them."""
     per_second = sources + spoofed
     for second in range(seconds):
         t0 = START + clock.elapsed + second
@@ -90,10 +97,12 @@ def shape(clock: Clock, sources: int, seconds: int, spoofed: int
             for j in range(first, min(first + BATCH, per_second)):
                 before, upto = j * spoofed // per_second, (j + 1) * spoofed // per_second
                 if upto > before:
-                    src = b"\x20\x01\x0d\xb8" + os.urandom(12)
+                    noise = os.urandom(13)
+                    records.append((now, b"\x20\x01\x0d\xb8" + noise[:12], UDP, ANY, 0,
+                                    noise[12]))
                 else:
-                    src = steady_source(j - upto)
-                records.append((now, src, 17, ANY, 0))
+                    records.append((now, steady_source(j - upto), TCP, ANY, F_VERIFIED,
+                                    STEADY_HOP))
             yield now, records
     clock.elapsed += seconds
 
@@ -136,20 +145,31 @@ class PerBucketDicts:
             totals[key] = totals.get(key, 0) + 1
 
 
+def table_keys(spec: TableSpec, records: list[Record]) -> list[Any]:
+    """The keys ``spec``'s table counts for ``records`` (every record a packet)."""
+    if spec.kind.endswith(TCP_SUFFIX):
+        records = [r for r in records if r[4] & F_VERIFIED]
+    kind = spec.kind.removesuffix(HOP_SUFFIX).removesuffix(TCP_SUFFIX)
+    if kind == QTYPE:
+        return [r[3] for r in records]
+    if kind == SOURCE_QTYPE:
+        records = [r for r in records if r[3] == ANY]
+    sources = [r[1] for r in records]
+    if kind == PREFIX:
+        keys = prefix_keys(sources, spec.prefix_v4, spec.prefix_v6)
+    elif kind == SOURCE_QTYPE:
+        keys = [qtype_key(src, ANY) for src in sources]
+    else:
+        keys = sources
+    return hop_keys(keys, [r[5] for r in records]) if spec.kind.endswith(HOP_SUFFIX) else keys
+
+
 def feed_baseline(specs: list[TableSpec], batches: Iterator[tuple[float, list[Record]]]
                   ) -> list[PerBucketDicts]:
     tables = [(spec, PerBucketDicts(spec)) for spec in specs]
     for now, records in batches:
-        sources = [r[1] for r in records]
         for spec, table in tables:
-            if spec.kind == SOURCE:
-                table.add(now, sources)
-            elif spec.kind == PREFIX:
-                table.add(now, prefix_keys(sources, spec.prefix_v4, spec.prefix_v6))
-            elif spec.kind == QTYPE:
-                table.add(now, [r[3] for r in records])
-            else:
-                table.add(now, [qtype_key(r[1], r[3]) for r in records if r[3] == ANY])
+            table.add(now, table_keys(spec, records))
     return [table for _, table in tables]
 
 
@@ -177,7 +197,8 @@ def main() -> int:
     traffic = Traffic(config)
     specs = list(traffic.tables)
     print(f"shipped configuration: {len(config.rules)} rules, capacity {rt.capacity:,}, "
-          f"bucket {rt.bucket:g} s; tables: " + ", ".join(
+          f"bucket {rt.bucket:g} s, hop capacity {config.trust.hop_capacity:,}; tables: "
+          + ", ".join(
               f"{s.kind} {s.window:g} s" for s in specs))
     print(f"interpreter RSS before: {vm_rss_mb():.1f} MB; target: peak RSS <= {limit:g} MB "
           f"(half of the unit's MemoryMax)")
@@ -201,6 +222,8 @@ def main() -> int:
     floodd_peak = peak_rss_mb()
     tracked = ", ".join(f"{len(t):,}" for t in traffic.tables.values())
     pruned = sum(t.pruned for t in traffic.tables.values())
+    histories = ", ".join(f"{kind} {h.established():,} + {len(h) - h.established():,}"
+                          for (kind, _, _), h in traffic.histories.items())
 
     def traced(n: int) -> str:
         return f", traced {n / 2**20:.1f} MB" if args.tracemalloc else ""
@@ -214,6 +237,7 @@ def main() -> int:
                                   if args.tracemalloc else ""))
     row("keys tracked per table at the end", tracked)
     row("keys pruned", f"{pruned:,}")
+    row("hop histories: established + probation", histories)
     row("peak RSS of the process (ru_maxrss)", f"{floodd_peak:.1f} MB")
 
     del traffic
@@ -222,7 +246,7 @@ def main() -> int:
     clock = Clock()
     baseline = feed_baseline(specs, shape(clock, rt.capacity, longest, 0))
     base = vm_rss_mb() - rss_before
-    row("baseline, one dict per bucket and table:")
+    row("baseline, one dict per bucket and table (no hop histories):")
     row(f"(a) {rt.capacity:,} steady sources, {longest} s",
         f"RSS +{base:.1f} MB ({sum(len(t.totals) for t in baseline):,} keys)")
     row("ratio floodd / baseline, (a)", f"{steady / base:.3f}")

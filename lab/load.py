@@ -377,12 +377,13 @@ class Replay:
 # floodd's nftables sets by what an element drops (floodd.enforce.firewall.nftables): the
 # DNS traffic of an address or prefix; its UDP; its UDP at some TTL / hop-limit values
 # (``saddr . ttl`` elements); its UDP queries of one type at some hop values (``saddr .
-# ttl . @th,160,24``: the root label and the qtype).  A gate set lists the sources that
-# have a qtype ban: it drops nothing itself.  Any other set is taken as dropping all.
+# ttl . @th,160,40``: the question's root label, qtype and class, 0x00 QQQQ 0001).  A
+# gate set lists the networks with a qtype ban: it drops nothing itself.  Any other set
+# is taken as dropping all.
 UDP_SETS = frozenset({"udp4", "udp6", "udp4net", "udp6net"})
 HOP_SETS = frozenset({"hop4", "hop6"})
 QTYPE_SETS = frozenset({"qtype4", "qtype6"})
-GATE_SETS = frozenset({"qgate4", "qgate6"})
+GATE_SETS = frozenset({"qgate4", "qgate6", "qgate4net", "qgate6net"})
 ALL_HOPS = (0, 255)
 
 _RULE_IN_COMMENT = re.compile(r"\brule=(.*)$")
@@ -474,9 +475,9 @@ def parse_nft_elements(data: Any) -> list[KernelElement]:
                 if len(parts) > 1:
                     hops = _nft_range(parts[1])
                 if len(parts) > 2:
-                    # 24 bits: the question name's root label (0) and the qtype.
+                    # The root label (0), the qtype, the class (IN): 0x00 QQQQ 0001.
                     raw = parts[2]
-                    qtype = (int(raw, 0) if isinstance(raw, str) else int(raw)) & 0xFFFF
+                    qtype = (int(raw, 0) if isinstance(raw, str) else int(raw)) >> 16 & 0xFFFF
             out.append(KernelElement(found.get("name", ""), _nft_network(val), hops, qtype,
                                      int(elem.get("counter", {}).get("packets", 0)),
                                      elem.get("comment", "")))

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterable, Callable, Iterator
 
 import yaml
 
@@ -312,18 +312,31 @@ def nft_table(lab: Any) -> dict[str, Any] | None:
     return data
 
 
-def nft_elements(lab: Any) -> dict[str, dict[str, Any]]:
-    """Every element of floodd's sets: address or prefix -> its JSON (``counter``,
-    ``expires``, ``timeout``, ``comment``)."""
+def nft_elements(lab: Any, sets: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The elements of floodd's drop sets (``sets``: only those), by address or prefix:
+    its JSON (``counter``, ``expires``, ``timeout``, ``comment``) and ``set``.  A ban made
+    of several elements (hop ranges) shows once, its counters summed; the gate sets of
+    qtype bans are left out."""
     table = nft_table(lab)
+    wanted = None if sets is None else set(sets)
     out: dict[str, dict[str, Any]] = {}
     for obj in (table or {}).get("nftables", ()):
+        name = obj.get("set", {}).get("name", "")
+        if name.startswith("qgate") or (wanted is not None and name not in wanted):
+            continue
         for item in obj.get("set", {}).get("elem", ()):
             elem = item["elem"] if isinstance(item, dict) and "elem" in item else {"val": item}
             val = elem["val"]
+            if isinstance(val, dict) and "concat" in val:
+                val = val["concat"][0]
             if isinstance(val, dict):
                 val = f"{val['prefix']['addr']}/{val['prefix']['len']}"
-            out[val] = elem
+            if val in out and out[val]["set"] == name:
+                seen = out[val].setdefault("counter", {"packets": 0, "bytes": 0})
+                for k, v in elem.get("counter", {}).items():
+                    seen[k] = seen.get(k, 0) + v
+                continue
+            out[val] = {**elem, "set": name}
     return out
 
 

@@ -15,6 +15,7 @@ from floodd.cli.bans import (ban_duration, format_bans, human_duration,
                            source_network)
 from floodd.errors import FlooddError
 from floodd.enforce.firewall.base import InstalledBan
+from floodd.scope import UDP_ONLY, WHOLE, Scope
 
 Cli = Callable[..., "subprocess.CompletedProcess[str]"]
 BANNED = "198.51.100.7"
@@ -60,16 +61,29 @@ def test_human_duration(seconds: float, text: str) -> None:
 
 def test_format_bans_table() -> None:
     now = 1_700_000_000.0
+    client = ipaddress.ip_network("203.0.113.10/32")
     records = [InstalledBan(ipaddress.ip_network("198.51.100.7/32"), "query-flood",
-                                       now - 60, now + 540, 1234, 98765).as_json(),
+                            now - 60, now + 540, 1234, 98765).as_json(),
                InstalledBan(ipaddress.ip_network("203.0.113.0/24"), "manual",
-                                       now, float("inf"), 0, 0).as_json()]
+                            now, float("inf"), 0, 0, scope=UDP_ONLY).as_json(),
+               InstalledBan(client, "any-queries", now, now + 600, 5, 300,
+                            scope=Scope(True, 255, (64,))).as_json(),
+               InstalledBan(client, "query-flood", now, now + 600, 70000, 4200000,
+                            scope=Scope(True, None, (63, 64))).as_json()]
     lines = format_bans(records, now)
-    assert lines[0].split() == ["SOURCE", "RULE", "BANNED", "SINCE", "EXPIRES", "IN",
-                                "PACKETS", "BYTES"]
-    assert lines[1].startswith("198.51.100.7  ") and "query-flood" in lines[1]
-    assert lines[1].endswith("1234  98765") and " 9m " in lines[1]
-    assert lines[2].startswith("203.0.113.0/24") and " never " in lines[2]
+    assert lines[0].split() == ["SOURCE", "SCOPE", "RULE", "BANNED", "SINCE", "EXPIRES",
+                                "IN", "PACKETS", "BYTES"]
+    assert lines[1].startswith("198.51.100.7    whole source  ")
+    assert lines[1].endswith("   1234    98765") and " 9m " in lines[1]
+    assert lines[2].startswith("203.0.113.0/24  UDP only  ") and " never " in lines[2]
+    assert lines[3].startswith("203.0.113.10    UDP, ANY queries, TTL/hop limit not 64  ")
+    assert lines[4].startswith("203.0.113.10    UDP, TTL/hop limit not 63/64  ")
+    assert lines[4].endswith("  70000  4200000")
+    # one column each: the rule under RULE, every row as wide as the header
+    rule_at = lines[0].index("RULE")
+    assert [line[rule_at:].split()[0] for line in lines[1:]] == [
+        "query-flood", "manual", "any-queries", "query-flood"]
+    assert len({len(line) for line in lines}) == 1
     assert records[1]["expires"] is None
     assert format_bans([], now) == ["no bans"]
 
@@ -117,7 +131,10 @@ def test_banned_source_gets_no_answer_until_unbanned(dns_lab: Any, floodd_cli: C
     assert list(bans) == [f"{BANNED}/32"]
     ban = bans[f"{BANNED}/32"]
     assert ban["rule"] == "test flood"
+    assert ban["scope"] == WHOLE.as_json()  # the operator's bans drop all of the source's
     assert ban["expires"] - ban["since"] == pytest.approx(600, abs=1)
+    table = _ok(floodd_cli("bans", backend=backend_name)).splitlines()
+    assert table[1].split()[:4] == [BANNED, "whole", "source", "test"]
     assert _ok(floodd_cli("unban", BANNED, backend=backend_name)) == f"unbanned {BANNED}\n"
     assert lab.dig(NAME, source=BANNED)
     assert _bans(floodd_cli, backend_name) == {}
@@ -226,8 +243,14 @@ def test_commands_go_through_a_running_daemon(tmp_path: Any,
     config = tmp_path / "floodd.yaml"
     config.write_text(f"daemon:\n  control_socket: {sock}\n")
     seen: list[dict[str, Any]] = []
-    bans = [{"source": "203.0.113.0/24", "rule": "prefix-flood", "since": 1_700_000_000.0,
-             "expires": 1_700_000_600.0, "packets": 12, "bytes": 720}]
+    # as the daemon sends them: one network may have several bans, of different scopes
+    client = ipaddress.ip_network("203.0.113.10/32")
+    bans = [InstalledBan(ipaddress.ip_network("203.0.113.0/24"), "prefix-flood",
+                         1_700_000_000.0, 1_700_000_600.0, 12, 720).as_json(),
+            InstalledBan(client, "any-queries", 1_700_000_000.0, 1_700_000_600.0, 5, 300,
+                         scope=Scope(True, 255)).as_json(),
+            InstalledBan(client, "query-flood", 1_700_000_000.0, 1_700_000_600.0, 9000,
+                         540000, scope=Scope(True, None, (64,))).as_json()]
 
     def daemon(req: dict[str, Any]) -> dict[str, Any]:
         seen.append(req)
@@ -235,12 +258,24 @@ def test_commands_go_through_a_running_daemon(tmp_path: Any,
             return {"ok": True, "bans": bans}
         if req["cmd"] == "ban" and req["source"] == "127.0.0.1/32" and not req["force"]:
             raise FlooddError("ban: refusing to ban 127.0.0.1/32: whitelisted by 127.0.0.0/8")
+        if req["cmd"] == "unban":  # the bans removed: every ban of the source, or all
+            return {"ok": True, "bans": [{"source": b["source"], "scope": b["scope"]}
+                                         for b in bans if req.get("all")
+                                         or b["source"] == req["source"]]}
         return {"ok": True}
     server = ControlServer(str(sock), daemon)
     server.start()
     try:
         assert cli.main(["bans", "--json", "-c", str(config)]) == 0
         assert json.loads(capsys.readouterr().out) == bans
+        assert bans[1]["scope"] == {"protocols": "udp", "qtype": "ANY", "except_hops": [],
+                                    "text": "UDP, ANY queries"}
+        assert cli.main(["bans", "-c", str(config)]) == 0
+        table = capsys.readouterr().out.splitlines()
+        scope_at, rule_at = table[0].index("SCOPE"), table[0].index("RULE")
+        assert [(row[:scope_at].strip(), row[scope_at:rule_at].strip()) for row in table[1:]] \
+            == [("203.0.113.0/24", "whole source"), ("203.0.113.10", "UDP, ANY queries"),
+                ("203.0.113.10", "UDP, TTL/hop limit not 64")]
         assert cli.main(["ban", "198.51.100.7", "--for", "10m", "-c", str(config)]) == 0
         assert seen[-1] == {"cmd": "ban", "source": "198.51.100.7/32", "seconds": 600.0,
                             "reason": "manual", "force": False}
@@ -249,9 +284,14 @@ def test_commands_go_through_a_running_daemon(tmp_path: Any,
         assert cli.main(["unban", "198.51.100.7", "-c", str(config)]) == 1  # not in the list
         assert cli.main(["unban", "203.0.113.0/24", "-c", str(config)]) == 0
         assert seen[-1] == {"cmd": "unban", "source": "203.0.113.0/24"}
+        assert capsys.readouterr().out.splitlines()[-1] == "unbanned 203.0.113.0/24"
+        assert cli.main(["unban", "203.0.113.10", "-c", str(config)]) == 0
+        assert seen[-1] == {"cmd": "unban", "source": "203.0.113.10/32"}
+        assert capsys.readouterr().out == ("unbanned 203.0.113.10 (UDP, ANY queries; "
+                                           "UDP, TTL/hop limit not 64)\n")
         assert cli.main(["unban", "--all", "-c", str(config)]) == 0
         assert seen[-1] == {"cmd": "unban", "all": True}
-        assert capsys.readouterr().out.splitlines()[-1] == "unbanned 1 ban"
+        assert capsys.readouterr().out.splitlines()[-1] == "unbanned 3 bans"
         count = len(seen)
         assert cli.main(["bans", "-c", str(config), "--backend", "dry-run"]) == 0
         assert len(seen) == count  # --backend: the kernel directly, not the daemon

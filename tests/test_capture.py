@@ -1,26 +1,27 @@
 """floodd.detect.capture: capture files (pcap and pcapng), the BPF filter, and a live capture
-on a veth pair between two network namespaces made by the test."""
+in the lab (BIND and its clients in two network namespaces made by the test)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import socket
 import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import dpkt
 import pcapy
 import pytest
 
-from lab import synth
-from floodd.detect.capture import LiveCapture, OfflineCapture, build_filter
+from lab import load, synth
+from lab.netns import Lab
+from floodd.detect.capture import LiveCapture, OfflineCapture, build_filter, sent_by_host
 from floodd.config import CaptureConfig
 from floodd.errors import FlooddError
-from floodd.detect.parse import F_FRAGMENT, Record
+from floodd.detect.parse import F_FRAGMENT, F_VERIFIED, Record
 
 from test_parse import PCAPS
 ROOT = os.geteuid() == 0
@@ -125,68 +126,126 @@ def test_offline_truncated_file(tmp_path: Path) -> None:
         read_all(capture)
 
 
-# The BPF filter.
+# The BPF filter.  Frames are built from an IP packet, whether the server sent it, and
+# VLAN tags; on Ethernet the server's frames leave from its MAC address (synth's
+# DST_MAC: the client's frames go to it), which stands for "sent by this host".
 
 Q = synth.dns_query("example.com", "A")
+CLIENT6, SERVER6 = "2001:db8::7", "2001:db8::53"
+SYN, ACK = synth.TCP_SYN, synth.TCP_ACK
+SENT_ETHERNET = f"ether src {synth.DST_MAC.hex(':')}"
+Packet = tuple[bytes, bool, tuple[int, ...]]  # IP packet, sent by the server, VLAN tags
 
 
-def v4_frags() -> list[bytes]:
-    return [synth.link_frame(p)
-            for p in synth.fragments(synth.udp_datagram(CLIENT, SERVER, Q, 4000), 16)]
+def frame(case: Packet, linktype: int = 1) -> bytes:
+    packet, sent, vlan = case
+    if linktype != 1:
+        return synth.link_frame(packet, linktype, outgoing=sent)
+    built = synth.link_frame(packet, vlan=vlan)
+    return built[6:12] + built[:6] + built[12:] if sent else built
 
 
-def v6_frags() -> list[bytes]:
-    packet = synth.udp_datagram("2001:db8::7", "2001:db8::53", Q, 4000)
-    return [synth.link_frame(p) for p in synth.fragments(packet, 16)]
+def syn_ack(sport: int = 53, flags: int = SYN | ACK, v6: bool = False) -> bytes:
+    """A segment of the server from ``sport`` to a client's port."""
+    server, client = (SERVER6, CLIENT6) if v6 else (SERVER, CLIENT)
+    return synth.tcp_segment(server, client, b"", sport, 4000, seq=99, ack=1, flags=flags)
 
 
-MATCH = {
-    "udp query": synth.udp_frame(CLIENT, SERVER, Q, 4000),
-    "udp query, VLAN": synth.udp_frame(CLIENT, SERVER, Q, 4000, vlan=(11,)),
-    "udp query, QinQ": synth.udp_frame(CLIENT, SERVER, Q, 4000, vlan=(100, 11)),
-    "udp query, IPv6": synth.link_frame(synth.udp_datagram("2001:db8::7", "2001:db8::53",
-                                                           Q, 4000)),
-    "tcp SYN": synth.link_frame(synth.tcp_segment(CLIENT, SERVER, b"", 4000,
-                                                  flags=synth.TCP_SYN)),
-    "first IPv4 fragment": v4_frags()[0],
-    "last IPv4 fragment": v4_frags()[-1],
-    "last IPv4 fragment, VLAN": synth.link_frame(
-        synth.fragments(synth.udp_datagram(CLIENT, SERVER, Q, 4000), 16)[-1], vlan=(11,)),
-    "first IPv6 fragment": v6_frags()[0],
-    "last IPv6 fragment": v6_frags()[-1],
+V4_FRAGS = synth.fragments(synth.udp_datagram(CLIENT, SERVER, Q, 4000), 16)
+V6_FRAGS = synth.fragments(synth.udp_datagram(CLIENT6, SERVER6, Q, 4000), 16)
+OWN_QUERY = synth.udp_datagram(SERVER, CLIENT, Q, 4000, 53)  # this host asking another
+
+MATCH: dict[str, Packet] = {
+    "udp query": (synth.udp_datagram(CLIENT, SERVER, Q, 4000), False, ()),
+    "udp query, VLAN": (synth.udp_datagram(CLIENT, SERVER, Q, 4000), False, (11,)),
+    "udp query, QinQ": (synth.udp_datagram(CLIENT, SERVER, Q, 4000), False, (100, 11)),
+    "udp query, IPv6": (synth.udp_datagram(CLIENT6, SERVER6, Q, 4000), False, ()),
+    "tcp SYN": (synth.tcp_segment(CLIENT, SERVER, b"", 4000, flags=SYN), False, ()),
+    "first IPv4 fragment": (V4_FRAGS[0], False, ()),
+    "last IPv4 fragment": (V4_FRAGS[-1], False, ()),
+    "last IPv4 fragment, VLAN": (V4_FRAGS[-1], False, (11,)),
+    "first IPv6 fragment": (V6_FRAGS[0], False, ()),
+    "last IPv6 fragment": (V6_FRAGS[-1], False, ()),
+    "SYN-ACK sent": (syn_ack(), True, ()),
+    "SYN-ACK sent, VLAN": (syn_ack(), True, (11,)),
+    "SYN-ACK sent, QinQ": (syn_ack(), True, (100, 11)),
+    "SYN-ACK sent, IPv6": (syn_ack(v6=True), True, ()),
+    "SYN-ACK sent, ECN": (syn_ack(flags=SYN | ACK | 0x40), True, ()),
 }
-NO_MATCH = {
-    "udp response": synth.udp_frame(SERVER, CLIENT, Q, 53, 4000),
-    "other port": synth.udp_frame(CLIENT, SERVER, Q, 4000, 5353),
-    "ARP": bytes(12) + b"\x08\x06" + bytes(28),
-    "ICMP fragment": synth.link_frame(synth.fragments(
-        synth.ip_packet(CLIENT, SERVER, 1, bytes(40)), 16)[-1]),
+NO_MATCH: dict[str, Packet] = {
+    "udp response": (synth.udp_datagram(SERVER, CLIENT, Q, 53, 4000), False, ()),
+    "udp response sent": (synth.udp_datagram(SERVER, CLIENT, Q, 53, 4000), True, ()),
+    "other port": (synth.udp_datagram(CLIENT, SERVER, Q, 4000, 5353), False, ()),
+    "ICMP fragment": (synth.fragments(synth.ip_packet(CLIENT, SERVER, 1, bytes(40)), 16)[-1],
+                      False, ()),
+    "own query sent": (OWN_QUERY, True, ()),
+    "own query sent, VLAN": (OWN_QUERY, True, (11,)),
+    "own query sent, IPv6": (synth.udp_datagram(SERVER6, CLIENT6, Q, 4000, 53), True, ()),
+    "own query fragment sent": (synth.fragments(OWN_QUERY, 16)[-1], True, ()),
+    "own TCP SYN sent": (synth.tcp_segment(SERVER, CLIENT, b"", 4000, 53, flags=SYN), True,
+                         ()),
+    "SYN-ACK received": (syn_ack(), False, ()),
+    "SYN-ACK received, IPv6": (syn_ack(v6=True), False, ()),
+    "SYN-ACK sent from port 5353": (syn_ack(5353), True, ()),
+    "SYN sent from port 53": (syn_ack(flags=SYN), True, ()),
+    "ACK sent from port 53": (syn_ack(flags=ACK), True, ()),
+    "ACK sent from port 53, IPv6": (syn_ack(flags=ACK, v6=True), True, ()),
+    "data sent from port 53": (syn_ack(flags=ACK | synth.TCP_PSH), True, ()),
 }
+ARP = bytes(12) + b"\x08\x06" + bytes(28)
 
 
 def test_build_filter_matches() -> None:
+    program = pcapy.compile(1, 65535, build_filter((53,), ("udp", "tcp"), sent=SENT_ETHERNET),
+                            1, 0)
+    for name, case in MATCH.items():
+        assert program.filter(frame(case)), name
+    for name, case in NO_MATCH.items():
+        assert not program.filter(frame(case)), name
+    assert not program.filter(ARP)
+
+
+@pytest.mark.parametrize("linktype", [113, 276])
+def test_build_filter_matches_cooked(linktype: int) -> None:
+    """The cooked header's packet type says what this host sent (tags: Ethernet only)."""
+    program = pcapy.compile(linktype, 65535, build_filter((53,), ("udp", "tcp"), vlan=False,
+                                                          sent="outbound"), 1, 0)
+    untagged = [(name, case, True) for name, case in MATCH.items() if not case[2]]
+    untagged += [(name, case, False) for name, case in NO_MATCH.items() if not case[2]]
+    for name, case, passes in untagged:
+        assert bool(program.filter(frame(case, linktype))) == passes, name
+
+
+def test_build_filter_without_a_sent_test_passes_queries_only() -> None:
+    """The capture then takes the incoming direction only: no SYN-ACK can pass."""
     program = pcapy.compile(1, 65535, build_filter((53,), ("udp", "tcp")), 1, 0)
-    for name, frame in MATCH.items():
-        assert program.filter(frame), name
-    for name, frame in NO_MATCH.items():
-        assert not program.filter(frame), name
+    for name, case in MATCH.items():
+        assert bool(program.filter(frame(case))) != case[1], name
 
 
 def test_build_filter_ports_protocols_extra() -> None:
-    expr = build_filter((53, 5353), ("udp",), "src net 198.51.100.0/24")
+    expr = build_filter((53, 5353), ("udp",), "src net 198.51.100.0/24", sent=SENT_ETHERNET)
     program = pcapy.compile(1, 65535, expr, 1, 0)
     assert program.filter(synth.udp_frame(CLIENT, SERVER, Q, 4000, 5353))
     assert not program.filter(synth.udp_frame("203.0.113.9", SERVER, Q, 4000, 53))
-    assert not program.filter(MATCH["tcp SYN"])
+    assert not program.filter(frame(MATCH["tcp SYN"]))
+    assert not program.filter(frame(MATCH["SYN-ACK sent"]))  # TCP is not watched
     tagged = synth.udp_frame(CLIENT, SERVER, Q, 4000, 53, vlan=(11,))
     assert program.filter(tagged)
     assert not program.filter(synth.udp_frame("203.0.113.9", SERVER, Q, 4000, 53, vlan=(11,)))
+    # The extra filter narrows the queries, not the SYN-ACKs (their source is the server).
+    program = pcapy.compile(1, 65535, build_filter((53, 5353), ("tcp",), "src net "
+                                                   "198.51.100.0/24", sent=SENT_ETHERNET), 1, 0)
+    assert program.filter(frame(MATCH["SYN-ACK sent"]))
+    assert program.filter(frame((syn_ack(5353), True, ())))
+    assert not program.filter(frame(MATCH["udp query"]))
 
 
-@pytest.mark.parametrize("linktype", [12, 113, 228, 229, 276])
-def test_build_filter_compiles_without_vlan(linktype: int) -> None:
+@pytest.mark.parametrize("linktype,sent", [(12, None), (113, "outbound"), (228, None),
+                                           (229, None), (276, "outbound")])
+def test_build_filter_compiles_without_vlan(linktype: int, sent: str | None) -> None:
     pcapy.compile(linktype, 512, build_filter((53,), ("udp", "tcp"), "not src host 192.0.2.9",
-                                              vlan=False), 1, 0)
+                                              vlan=False, sent=sent), 1, 0)
 
 
 def test_build_filter_needs_ports_and_protocols() -> None:
@@ -196,7 +255,15 @@ def test_build_filter_needs_ports_and_protocols() -> None:
         build_filter((53,), ())
 
 
-# Live capture (root only).
+def test_sent_by_host() -> None:
+    assert sent_by_host(113, "any") == sent_by_host(276, "any") == "outbound"
+    assert sent_by_host(12, "tun0") is None  # raw IP: nothing in the frame tells
+    assert sent_by_host(1, "lo") is None  # its address is all zeros, on every frame
+    assert sent_by_host(1, "nosuchif0") is None
+
+
+# Live capture (root only), in the lab: BIND in the server namespace, clients in the
+# other, on both ends of a veth pair.
 
 needs_root = pytest.mark.skipif(not ROOT, reason="live capture needs root")
 
@@ -209,28 +276,37 @@ def test_live_errors() -> None:
         LiveCapture("lo", CaptureConfig(bpf_filter="port ("))
 
 
+# Captures until a line arrives on stdin, then a little longer: the kernel hands
+# packets over in blocks, retired at the latest after libpcap's timeout.
 CHILD = r"""
-import json, socket, sys, time
-from floodd.detect.capture import LiveCapture
+import json, select, socket, sys, time
+from floodd.detect.capture import LiveCapture, sent_by_host
 from floodd.config import CaptureConfig
 
 cap = LiveCapture(sys.argv[1], CaptureConfig(batch_size=64))
 started = time.monotonic()
 idle = cap.read(0.4)
-print(json.dumps({"linktype": cap.linktype, "idle_seconds": time.monotonic() - started,
+print(json.dumps({"linktype": cap.linktype, "sent": sent_by_host(cap.linktype, sys.argv[1]),
+                  "idle_seconds": time.monotonic() - started,
                   "idle_records": len(idle.records)}), flush=True)
-want = int(sys.argv[2])
 records = []
-deadline = time.monotonic() + 10
-while len(records) < want and time.monotonic() < deadline:
-    records += cap.read(0.2).records
+frames = ignored = 0
+deadline = time.monotonic() + 60
+stop = deadline
+while time.monotonic() < min(stop, deadline):
+    batch = cap.read(0.1)
+    records += batch.records
+    frames += batch.frames
+    ignored += batch.ignored
+    if stop == deadline and select.select([sys.stdin], [], [], 0)[0]:
+        stop = time.monotonic() + 0.5
 stats = cap.stats()
 family = {4: socket.AF_INET, 16: socket.AF_INET6}
 read_until = time.monotonic()
 print(json.dumps({
     "monotonic": all(started <= r[0] <= read_until for r in records),
-    "records": [[socket.inet_ntop(family[len(r[1])], r[1]), r[2], r[3], r[4]]
-                for r in records],
+    "records": [[socket.inet_ntop(family[len(r[1])], r[1]), *r[2:]] for r in records],
+    "frames": frames, "ignored": ignored,
     "received": stats.received, "dropped": stats.dropped}), flush=True)
 cap.close()
 """
@@ -244,69 +320,96 @@ for qtype in ("A", "AAAA", "ANY", "TYPE65399"):
     s.sendto(dns_query("example.com", qtype, 1), (sys.argv[2], 53))
 """
 
+LIVE_CLIENT = "198.51.100.7"
+LIVE_CLIENT6 = "2001:db8:1::7"
+FORGED = "198.18.0.9"  # the server's SYN-ACK to it leaves, and dies in the client namespace
+FORGED_HOP = 50
 
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=20)
+
+def _send_frames(ifname: str, frames: list[bytes]) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((ifname, 0))
+        for data in frames:
+            sock.send(data)
 
 
-@pytest.fixture
-def lab() -> Iterator[tuple[str, str, str]]:
-    """Namespaces srv (192.0.2.1 on its veth) and cli (198.51.100.7), no default route."""
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed")
-    tag = f"{os.getpid() % 100000}"
-    srv, cli, veth_srv, veth_cli = f"fdsrv{tag}", f"fdcli{tag}", f"fds{tag}", f"fdc{tag}"
-    try:
-        run("ip", "netns", "add", srv)
-        run("ip", "netns", "add", cli)
-        run("ip", "link", "add", veth_srv, "type", "veth", "peer", "name", veth_cli)
-        run("ip", "link", "set", veth_srv, "netns", srv)
-        run("ip", "link", "set", veth_cli, "netns", cli)
-        for ns, dev, addr, peer in ((srv, veth_srv, SERVER, "198.51.100.0/24"),
-                                    (cli, veth_cli, CLIENT, "192.0.2.0/24")):
-            run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            run("ip", "-n", ns, "link", "set", dev, "up")
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-            run("ip", "-n", ns, "route", "add", peer, "dev", dev)
-        yield srv, cli, veth_srv
-    finally:
-        for ns in (srv, cli):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+def forged_segment(flags: int, seq: int, ack: int = 0, data: bytes = b"") -> bytes:
+    """A TCP segment claiming to come from FORGED, arriving with TTL FORGED_HOP."""
+    tcp = synth.tcp_segment(FORGED, Lab.server_v4, data, 40404, seq=seq, ack=ack,
+                            flags=flags)[20:]
+    return synth.ip_packet(FORGED, Lab.server_v4, 6, tcp, ttl=FORGED_HOP)
+
+
+def dig(lab: Lab, ns: str, *args: str) -> None:
+    lab.run(ns, ["dig", "+tries=1", "+timeout=1", *args], check=False, timeout=20)
 
 
 @needs_root
-def test_live_capture_in_namespaces(lab: tuple[str, str, str]) -> None:
-    srv, cli, veth_srv = lab
+@pytest.mark.parametrize("on", ["veth", "any"])
+def test_live_capture_in_namespaces(dns_lab: Lab, in_client: Any, wait_for: Any,
+                                    on: str) -> None:
+    """Queries over UDP and TCP (IPv4 and IPv6) from a real client: records stamped
+    with the monotonic clock, each with its hop value; the TCP ones after the SYN are
+    F_VERIFIED.  A forger's SYN gets the server's SYN-ACK, which it never sees: its
+    segments are not verified.  This host's own queries are no records."""
+    lab = dns_lab
+    lab.add_client_address(LIVE_CLIENT)
+    lab.add_client_address(LIVE_CLIENT6)
+    interface = lab.server_if if on == "veth" else "any"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    child = subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-c", CHILD,
-                              veth_srv, "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
-    try:
-        assert child.stdout is not None
-        first = json.loads(child.stdout.readline() or "null")
-        assert first is not None, child.stderr.read() if child.stderr else ""
-        assert first["linktype"] == 1 and first["idle_records"] == 0
-        assert 0.3 <= first["idle_seconds"] < 1.5  # read() honours its timeout when idle
-        subprocess.run(["ip", "netns", "exec", cli, sys.executable, "-c", SENDER, CLIENT,
-                        SERVER], check=True, env=env, timeout=20)
-        if shutil.which("dig"):
-            for extra in ("+notcp", "+tcp"):
-                subprocess.run(["ip", "netns", "exec", cli, "dig", extra, "+tries=1",
-                                "+timeout=1", "-b", CLIENT, f"@{SERVER}", "example.org", "MX"],
-                               capture_output=True, timeout=20)
-        out, err = child.communicate(timeout=20)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    result = json.loads(out)
-    got = [tuple(r) for r in result["records"]]
-    assert all(r[0] == CLIENT for r in got), got
-    udp = sorted(r[2] for r in got if r[1] == 17)
-    want = [1, 28, 255, 65399] + ([15] if shutil.which("dig") else [])
-    assert udp == sorted(want), got
-    if shutil.which("dig"):
-        assert (CLIENT, 6, -1, 0) in got  # the TCP SYN of dig +tcp, refused
-    assert result["received"] >= len(got) and result["dropped"] == 0
-    assert result["monotonic"]  # stamped with the monotonic clock at the read, not the wall
+    child = lab.popen(lab.server_ns, [sys.executable, "-c", CHILD, interface],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True, env=env)
+    assert child.stdout is not None and child.stdin is not None
+    first = json.loads(child.stdout.readline() or "null")
+    assert first is not None, child.stderr.read() if child.stderr else ""
+    assert 0.3 <= first["idle_seconds"] < 1.5  # read() honours its timeout when idle
+    assert first["idle_records"] == 0
+    if on == "veth":
+        mac = load.link_address(lab, lab.server_ns, lab.server_if)
+        assert (first["linktype"], first["sent"]) == (1, f"ether src {mac.hex(':')}")
+    else:
+        assert (first["linktype"], first["sent"]) == (113, "outbound")
 
+    lab.run(lab.client_ns, [sys.executable, "-c", SENDER, LIVE_CLIENT, lab.server_v4], env=env)
+    dig(lab, lab.client_ns, "+notcp", "-b", LIVE_CLIENT, f"@{lab.server_v4}", "lab.example",
+        "MX")
+    dig(lab, lab.client_ns, "+tcp", "-b", LIVE_CLIENT, f"@{lab.server_v4}", "lab.example",
+        "MX")
+    dig(lab, lab.client_ns, "+tcp", "-b", LIVE_CLIENT6, f"@{lab.server_v6}", "www.lab.example",
+        "AAAA")
+    wire = load.lab_wire(lab)
+    in_client(_send_frames, lab.client_if,
+              [load.ethernet(wire, forged_segment(SYN, 1000))])
+    # The server answered with its SYN-ACK (the connection waits for the ACK); the
+    # forger, who never sees it, guesses its number.
+    assert wait_for(lambda: FORGED in lab.run(lab.server_ns, [
+        "ss", "-Htn", "state", "syn-recv"], text=True).stdout)
+    in_client(_send_frames, lab.client_if, [
+        load.ethernet(wire, forged_segment(ACK, 1001, 1)),
+        load.ethernet(wire, forged_segment(ACK | synth.TCP_PSH, 1001, 1,
+                                           struct.pack("!H", len(Q)) + Q))])
+    # This host's own queries, to a client address (nothing answers there).
+    dig(lab, lab.server_ns, "+notcp", f"@{LIVE_CLIENT}", "example.org", "A")
+    dig(lab, lab.server_ns, "+tcp", f"@{LIVE_CLIENT}", "example.org", "A")
+    out, err = child.communicate("done\n", timeout=90)
+    result = json.loads(out or "null")
+    assert result is not None, err
+
+    got = [tuple(r) for r in result["records"]]
+    assert {r[0] for r in got} == {LIVE_CLIENT, LIVE_CLIENT6, FORGED}, got
+    udp = [r for r in got if r[1] == 17]
+    assert sorted(r[2] for r in udp) == [1, 15, 28, 255, 65399], got
+    assert all(r[0] == LIVE_CLIENT and r[3:] == (0, 64) for r in udp), got
+    for client, qtype in ((LIVE_CLIENT, 15), (LIVE_CLIENT6, 28)):
+        tcp = [r for r in got if r[0] == client and r[1] == 6]
+        assert tcp[0][2:] == (-1, 0, 64), got  # the SYN
+        assert len(tcp) > 2 and all(r[3] == F_VERIFIED and r[4] == 64 for r in tcp[1:]), got
+        assert qtype in [r[2] for r in tcp], got
+    forged = [r for r in got if r[0] == FORGED]
+    assert [r[3:] for r in forged] == [(0, FORGED_HOP)] * 3, got
+    # The SYN-ACKs to both clients and the forger: not records, not ignored.
+    syn_acks = result["frames"] - result["ignored"] - len(got)
+    assert syn_acks >= 3, result
+    assert result["received"] >= result["frames"] and result["dropped"] == 0
+    assert result["monotonic"]  # stamped with the monotonic clock at the read, not the wall

@@ -63,8 +63,8 @@ def config(run_dir: Path, name: str = "floodd.yaml", **sections: Any) -> Path:
 
 
 def bans_logged(log: str) -> list[str]:
-    """The networks of every ``ban NET for ...`` line (not ``would ban``)."""
-    return re.findall(r"(?:^|: )ban (\S+) for ", log, re.M)
+    """The networks of every ``ban NET [(SCOPE)] for ...`` line (not ``would ban``)."""
+    return re.findall(r"(?:^|: )ban (\S+) (?:\([^)]*\) )?for ", log, re.M)
 
 
 def offences(run_dir: Path) -> dict[str, list[float]]:
@@ -148,7 +148,8 @@ def test_ban_is_a_structured_journal_entry(journald: None, dns_lab: Any, floodd:
     assert float(entry["FLOODD_RATE"]) >= 500  # over 1000 packets in the 2 s window
     assert int(entry["FLOODD_PACKETS"]) > 1000
     assert float(entry["FLOODD_BAN_TIME"]) == 30
-    assert entry["MESSAGE"].startswith(f"ban {FLOODER}/32 for 30 s: rule query-flood, ")
+    assert entry["MESSAGE"].startswith(
+        f"ban {FLOODER}/32 (UDP only) for 30 s: rule query-flood, ")
     start = next(e for e in daemon.journal_entries() if e.get("FLOODD_ACTION") == "start")
     assert start["PRIORITY"] == "6"  # info
     assert daemon.stop() == 0
@@ -188,7 +189,7 @@ def test_reload_refuses_a_broken_config_and_applies_a_good_one(
 
     # The old rule still bans.
     finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
-    daemon.wait_log(rf"ban {FLOODER}/32 for 30 s: rule query-flood,")
+    daemon.wait_log(rf"ban {FLOODER}/32 \(UDP only\) for 30 s: rule query-flood,")
     assert FLOODER in nft_elements(dns_lab)
 
     # A good, changed configuration is applied: a new rule name and a smaller ban time.
@@ -197,7 +198,7 @@ def test_reload_refuses_a_broken_config_and_applies_a_good_one(
     daemon.send(signal.SIGHUP)
     daemon.wait_log(r"info: reloaded \S+floodd\.yaml: 1 rules")
     finish(flood(dns_lab, tmp_path, "198.51.100.8", seconds=1))
-    daemon.wait_log(r"ban 198\.51\.100\.8/32 for 20 s: rule hup-flood,")
+    daemon.wait_log(r"ban 198\.51\.100\.8/32 \(UDP only\) for 20 s: rule hup-flood,")
     comment = nft_elements(dns_lab)["198.51.100.8"]["comment"]
     assert comment.endswith("rule=hup-flood")
     # The figures stay sane across the reload (the packet rate never goes negative).
@@ -242,7 +243,7 @@ def test_sigterm_keeps_bans_and_on_exit_flush_removes_them(dns_lab: Any, floodd:
     daemon = floodd(config(tmp_path))
     daemon.wait_ready()
     dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=1)
-    daemon.wait_log(rf"ban {FLOODER}/32 for 30 s")
+    daemon.wait_log(rf"ban {FLOODER}/32 \(UDP only\) for 30 s")
     finish(dnsperf)
     term = time.monotonic()
     assert daemon.stop(timeout=5) == 0
@@ -269,7 +270,7 @@ def test_restart_after_kill_9_adopts_bans_without_unbanning(dns_lab: Any, floodd
     first = floodd(cfg, "first")
     first.wait_ready()
     dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=15, qps=2000)
-    first.wait_log(rf"ban {FLOODER}/32 for 30 s")
+    first.wait_log(rf"ban {FLOODER}/32 \(UDP only\) for 30 s")
 
     samples: list[dict[str, Any] | None] = []
     done = threading.Event()
@@ -323,7 +324,7 @@ def test_deleted_table_is_repaired_with_its_bans(dns_lab: Any, floodd: Start,
     daemon = floodd(config(tmp_path))
     daemon.wait_ready()
     finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
-    daemon.wait_log(rf"ban {FLOODER}/32 for 30 s")
+    daemon.wait_log(rf"ban {FLOODER}/32 \(UDP only\) for 30 s")
     dns_lab.run(dns_lab.server_ns, ["nft", "delete", "table", "inet", "floodd"])
     daemon.wait_log(r"warning: repair: floodd's firewall table is gone; re-created 1 bans")
     element = wait_until(lambda: nft_elements(dns_lab).get(FLOODER), 5, what="the ban back")
@@ -342,8 +343,12 @@ def test_reload_makes_the_drop_rules_follow_the_dns_ports(dns_lab: Any, floodd: 
         chain = dns_lab.run(dns_lab.server_ns, ["nft", "list", "chain", "inet", "floodd",
                                                 "input"], text=True, check=False).stdout
         return [line.strip() for line in chain.splitlines() if " drop " in line]
-    assert all(rule.startswith("meta l4proto { tcp, udp } th dport 53 ")
-               for rule in drop_rules()) and len(drop_rules()) == 4
+    # whole-source bans drop both protocols, the narrower scopes (UDP only, hop values,
+    # the gates of qtype bans are jumps) UDP
+    rules = drop_rules()
+    assert len(rules) == 10 and \
+        sum(rule.startswith("meta l4proto { tcp, udp } th dport 53 ") for rule in rules) == 4 \
+        and sum(rule.startswith("udp dport 53 ") for rule in rules) == 6, rules
     write_config(cfg, daemon_config(tmp_path, capture={"ports": [53, 5353],
                                                        "protocols": ["udp"]}))
     daemon.send(signal.SIGHUP)
@@ -353,7 +358,7 @@ def test_reload_makes_the_drop_rules_follow_the_dns_ports(dns_lab: Any, floodd: 
     # ... and a repair keeps them so
     dns_lab.run(dns_lab.server_ns, ["nft", "delete", "table", "inet", "floodd"])
     daemon.wait_log(r"warning: repair: floodd's firewall table is gone")
-    wait_until(lambda: len(drop_rules()) == 4, 5, what="the drop rules back")
+    wait_until(lambda: len(drop_rules()) == 10, 5, what="the drop rules back")
     assert all(rule.startswith("udp dport { 53, 5353 } ") for rule in drop_rules()), \
         drop_rules()
     assert daemon.stop() == 0
@@ -430,7 +435,7 @@ def test_a_failed_nft_batch_leaves_the_bans_as_the_kernel_has_them(
     assert set(nft_elements(dns_lab)) == {"203.0.113.50"}
     assert daemon.request("status")["bans"] == 1
     finish(flood(dns_lab, tmp_path, FLOODER, seconds=1.5))
-    daemon.wait_log(rf"ban {FLOODER}/32 for 30 s: rule query-flood")
+    daemon.wait_log(rf"ban {FLOODER}/32 \(UDP only\) for 30 s: rule query-flood")
     assert daemon.stop() == 0
 
 
@@ -531,7 +536,8 @@ def test_escalation_is_remembered_across_restarts(dns_lab: Any, floodd: Start,
     first = floodd(cfg, "first")
     first.wait_ready()
     dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=2)
-    first.wait_log(rf"ban {FLOODER}/32 for 2 s: rule query-flood, \d+ packets in 2 s "
+    first.wait_log(rf"ban {FLOODER}/32 \(UDP only\) for 2 s: rule query-flood, "
+                   r"\d+ packets in 2 s "
                    r"\([\d.]+/s\)\n")
     finish(dnsperf, now=True)
     first.wait_log(rf"unban {FLOODER}/32", timeout=20)
@@ -541,7 +547,7 @@ def test_escalation_is_remembered_across_restarts(dns_lab: Any, floodd: Start,
     second = floodd(cfg, "second")
     second.wait_ready()
     dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=2)
-    second.wait_log(rf"ban {FLOODER}/32 for 4 s: rule query-flood, .*, offence #2")
+    second.wait_log(rf"ban {FLOODER}/32 \(UDP only\) for 4 s: rule query-flood, .*, offence #2")
     reply = second.request("bans")
     finish(dnsperf, now=True)
     ban = reply["bans"][0]
@@ -560,14 +566,15 @@ def test_old_offences_are_forgotten(dns_lab: Any, floodd: Start, tmp_path: Path)
                            firewall={"escalation_factor": 2, "max_ban_time": 2,
                                      "rescan_interval": 0.5, "extend_active": False}))
     daemon.wait_ready()
-    ban_line = re.compile(rf"(?:^|: )(ban {FLOODER}/32 for .*)$", re.M)
+    ban_line = re.compile(rf"(?:^|: )(ban {FLOODER}/32 \(UDP only\) for .*)$", re.M)
     finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
     daemon.wait_log(rf"unban {FLOODER}/32", timeout=20)
     wait_until(lambda: time.time() - offences(tmp_path)[f"{FLOODER}/32"][1] > 2.5, 10,
                what="the offence to be older than max_ban_time")
     finish(flood(dns_lab, tmp_path, FLOODER, seconds=1))
     bans = wait_until(lambda: ban_line.findall(daemon.log())[1:], 10, what="the second ban")
-    assert re.fullmatch(rf"ban {FLOODER}/32 for 1 s: rule query-flood, \d+ packets in 2 s "
+    assert re.fullmatch(rf"ban {FLOODER}/32 \(UDP only\) for 1 s: rule query-flood, "
+                        r"\d+ packets in 2 s "
                         r"\([\d.]+/s\)", bans[0]), bans[0]
     assert offences(tmp_path)[f"{FLOODER}/32"][0] == 1
     assert daemon.stop() == 0
@@ -682,7 +689,8 @@ def test_control_commands_through_the_daemon(dns_lab: Any, floodd: Start,
     assert element["comment"].endswith("rule=manual") and 55 <= element["timeout"] <= 60
     daemon.wait_log(r"ban 203\.0\.113\.50/32 for 60 s by the operator: manual")
     bans = floodd_cli(dns_lab, cfg, "bans")
-    assert re.search(r"^203\.0\.113\.50\s+manual\s", bans.stdout, re.M), bans.stdout
+    assert re.search(r"^203\.0\.113\.50\s+whole source\s+manual\s", bans.stdout, re.M), \
+        bans.stdout
     assert daemon.request("status")["bans"] == 1
 
     refused = floodd_cli(dns_lab, cfg, "ban", "127.0.0.1")
@@ -746,7 +754,7 @@ def test_whitelisted_flooder_is_never_banned(dns_lab: Any, floodd: Start,
               flood(dns_lab, tmp_path, "198.51.100.8", seconds=1.5, qps=3000)]
     daemon.wait_log(rf"warning: not banning {FLOODER}/32 \(whitelisted by {FLOODER}/32\): "
                     r"rule query-flood")
-    daemon.wait_log(r"ban 198\.51\.100\.8/32 for 30 s")
+    daemon.wait_log(r"ban 198\.51\.100\.8/32 \(UDP only\) for 30 s")
     finish(*floods)
     assert set(nft_elements(dns_lab)) == {"198.51.100.8"}
     assert bans_logged(daemon.log()) == ["198.51.100.8/32"]
@@ -777,8 +785,8 @@ def test_dry_run_bans_nothing_in_the_kernel(dns_lab: Any, floodd: Start,
     daemon = floodd(cfg, args=("--dry-run",))
     daemon.wait_ready()
     dnsperf = flood(dns_lab, tmp_path, FLOODER, seconds=1)
-    daemon.wait_log(rf"dry run: would ban {FLOODER}/32 for 30 s \(query-flood\)")
-    daemon.wait_log(rf"notice: ban {FLOODER}/32 for 30 s: rule query-flood")
+    daemon.wait_log(rf"dry run: would ban {FLOODER}/32 \(UDP only\) for 30 s \(query-flood\)")
+    daemon.wait_log(rf"notice: ban {FLOODER}/32 \(UDP only\) for 30 s: rule query-flood")
     finish(dnsperf)
     assert nft_table(dns_lab) is None
     assert dns_lab.dig("www.lab.example", source=FLOODER)

@@ -29,7 +29,7 @@ from floodd.enforce.firewall import BACKENDS, auto_choice, make_backend
 from floodd.enforce.firewall.base import Backend, Ban, InstalledBan
 from floodd.enforce.firewall.dryrun import DryRunBackend
 from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
-from floodd.enforce.firewall.nftables import (GATE_MARGIN, KernelBan, NftablesBackend,
+from floodd.enforce.firewall.nftables import (GATE_MARGIN, SetBan, NftablesBackend,
                                               element_keys, name_offset, parse_table,
                                               plan_commit, render_commit, set_of)
 from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
@@ -88,14 +88,14 @@ SAMPLE = json.loads("""
 "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}}, {"set": {"family":
 "inet", "name": "qtype4", "table": "floodd", "type": ["ipv4_addr", "integer", "integer"],
 "handle": 6, "flags": ["interval", "timeout"], "elem": [{"elem": {"val": {"concat":
-[{"prefix": {"addr": "198.51.100.0", "len": 24}}, {"range": [0, 255]}, 255]}, "timeout":
+[{"prefix": {"addr": "198.51.100.0", "len": 24}}, {"range": [0, 255]}, 16711681]}, "timeout":
 3600, "expires": 3599, "comment":
 "floodd since=1795615085 expires=1795618685 scope=udp,qtype=255 rule=rotating-any",
 "counter": {"packets": 0, "bytes": 0}}}, {"elem": {"val": {"concat": ["198.51.100.20",
-{"range": [0, 63]}, 16]}, "timeout": 600, "expires": 599, "comment":
+{"range": [0, 63]}, 1048577]}, "timeout": 600, "expires": 599, "comment":
 "floodd since=1795615085 expires=1795615685 scope=udp,qtype=16,except=64 rule=txt",
 "counter": {"packets": 4, "bytes": 400}}}, {"elem": {"val": {"concat": ["198.51.100.20",
-{"range": [65, 255]}, 16]}, "timeout": 600, "expires": 599, "comment":
+{"range": [65, 255]}, 1048577]}, "timeout": 600, "expires": 599, "comment":
 "floodd since=1795615085 expires=1795615685 scope=udp,qtype=16,except=64 rule=txt",
 "counter": {"packets": 0, "bytes": 0}}}], "stmt": [{"counter": null}]}}, {"set": {"family":
 "inet", "name": "qgate4", "table": "floodd", "type": "ipv4_addr", "handle": 7, "flags":
@@ -116,7 +116,7 @@ SAMPLE = json.loads("""
 "filter", "hook": "input", "prio": -10, "policy": "accept"}}, {"rule": {"family": "inet",
 "table": "floodd", "chain": "qtype4", "handle": 21, "expr": [{"match": {"op": "==", "left":
 {"concat": [{"payload": {"protocol": "ip", "field": "saddr"}}, {"payload": {"protocol":
-"ip", "field": "ttl"}}, {"payload": {"base": "th", "offset": 168, "len": 24}}]}, "right":
+"ip", "field": "ttl"}}, {"payload": {"base": "th", "offset": 168, "len": 40}}]}, "right":
 "@qtype4"}}, {"drop": null}]}}, {"rule": {"family": "inet", "table": "floodd", "chain":
 "input", "handle": 531, "comment": "floodd: drop banned sources", "expr": [{"match": {"op":
 "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}, {"match":
@@ -140,10 +140,10 @@ def target(network: str, scope: Scope = WHOLE) -> Target:
 
 
 def installed(network: str, packets: int = 0, nbytes: int = 0, rule: str = "r",
-              expires: float = NOW + 600, scope: Scope = WHOLE) -> KernelBan:
+              expires: float = NOW + 600, scope: Scope = WHOLE) -> SetBan:
     """A ban in the kernel as floodd writes it."""
     ib = InstalledBan(net(network), rule, NOW - 10, expires, packets, nbytes, scope=scope)
-    return KernelBan(ib, set_of(ib.target), element_keys(ib.target))
+    return SetBan(ib, set_of(ib.target), element_keys(ib.target))
 
 
 def ban(network: str, rule: str = "r", expires: float = NOW + 600,
@@ -214,7 +214,8 @@ def test_parse_leaves_out_keys_floodd_cannot_express() -> None:
             elem({"concat": ["192.0.2.1", {"range": [0, 10]}]}),  # spares 245 values
             elem({"concat": ["192.0.2.2", {"range": [0, 255]}]})]}},  # spares none
         {"set": {"table": "floodd", "name": "qtype4", "elem": [
-            elem({"concat": ["192.0.2.3", {"range": [0, 255]}, 0x01FF00]}),  # no root label
+            elem({"concat": ["192.0.2.3", {"range": [0, 255]}, 0x01_00FF_0001]}),  # no root
+            elem({"concat": ["192.0.2.8", {"range": [0, 255]}, 0x00FF_0003]}),  # class CH
             elem({"concat": ["192.0.2.4", {"range": [0, 255]}, {"range": [1, 2]}]}),
             elem({"concat": ["192.0.2.5", 64]})]}},  # not a qtype key
         {"set": {"table": "floodd", "name": "ban4", "elem": [
@@ -257,10 +258,11 @@ def test_sets_and_elements_of_each_scope() -> None:
         (target("198.51.100.7/32", hops(0, 64)), "hop4",
          ("198.51.100.7 . 1-63", "198.51.100.7 . 65-255")),
         (target("198.51.100.0/24", hops(255)), "hop4", ("198.51.100.0/24 . 0-254",)),
-        (target("2001:db8:1::/64", qtype(ANY)), "qtype6", ("2001:db8:1::/64 . 0-255 . 0x0000ff",)),
+        (target("2001:db8:1::/64", qtype(ANY)), "qtype6",
+         ("2001:db8:1::/64 . 0-255 . 0x0000ff0001",)),
         (target("198.51.100.7/32", qtype(TXT, 63, 65)), "qtype4",
-         ("198.51.100.7 . 0-62 . 0x000010", "198.51.100.7 . 64 . 0x000010",
-          "198.51.100.7 . 66-255 . 0x000010")),
+         ("198.51.100.7 . 0-62 . 0x0000100001", "198.51.100.7 . 64 . 0x0000100001",
+          "198.51.100.7 . 66-255 . 0x0000100001")),
     ]
     for tgt, name, keys in cases:
         assert (set_of(tgt), element_keys(tgt)) == (name, keys), tgt
@@ -305,7 +307,8 @@ def test_plan_replacing_a_ban_carries_its_counter() -> None:
     scope = hops(64)
     plan = plan_commit(pending(ban("198.51.100.7", expires=NOW + 900, scope=scope)),
                        [installed("198.51.100.7", 40, 2400, scope=scope)])
-    assert [kb.keys for kb in plan.delete] == [("198.51.100.7 . 0-63", "198.51.100.7 . 65-255")]
+    assert [kb.keys for kb in plan.delete] == [("198.51.100.7 . 0-63",
+                                                "198.51.100.7 . 65-255")]
     assert added(plan) == {target("198.51.100.7/32", scope): (40, 2400)}
     assert plan.committed().removed == ()  # replaced, not gone
 
@@ -315,8 +318,8 @@ def test_plan_unban_deletes_every_element() -> None:
     plan = plan_commit(pending(target("198.51.100.7/32", scope)),
                        [installed("198.51.100.7", scope=scope)])
     assert render_commit(plan, "floodd", NOW) == (
-        "delete element inet floodd qtype4 { 198.51.100.7 . 0-62 . 0x0000ff, "
-        "198.51.100.7 . 65-255 . 0x0000ff }\n")
+        "delete element inet floodd qtype4 { 198.51.100.7 . 0-62 . 0x0000ff0001, "
+        "198.51.100.7 . 65-255 . 0x0000ff0001 }\n")
     assert plan.committed().removed == (target("198.51.100.7/32", scope),)
 
 
@@ -363,17 +366,18 @@ def test_plan_a_prefix_hop_ban_replaces_those_inside() -> None:
     current = [installed("198.51.100.10", 5, 50, scope=hops(64)),
                installed("198.51.100.20", 3, 30, scope=hops(50, 64)),  # not covered: replaced
                installed("198.51.100.10", 2, 20, scope=UDP_ONLY),  # another set: stays
-               installed("198.51.0.0/16", scope=hops(64, 65)),  # overlaps nothing new
                installed("203.0.113.0/24", scope=hops(64))]
     plan = plan_commit(pending(ban("198.51.100.0/24", scope=hops(64)),
                                ban("198.51.100.30", scope=hops(64)),  # same batch, inside
                                ban("203.0.113.0/25", scope=hops(64))),  # inside: skipped
-                       current[:3] + current[4:])
+                       current)
     assert added(plan) == {target("198.51.100.0/24", hops(64)): (8, 80)}
     assert set(deleted(plan)) == {target("198.51.100.10/32", hops(64)),
                                   target("198.51.100.20/32", hops(50, 64))}
-    plan = plan_commit(pending(ban("198.51.100.0/24", scope=hops(64))), current[3:])
-    assert added(plan) == {}  # inside the /16
+    # inside a wider network's ban that spares more: the wider one wins
+    plan = plan_commit(pending(ban("198.51.100.0/24", scope=hops(64))),
+                       [installed("198.51.0.0/16", scope=hops(64, 65))])
+    assert plan.add == plan.delete == ()
 
 
 def test_plan_qtype_bans_overlap_only_within_a_qtype() -> None:
@@ -400,6 +404,10 @@ def test_plan_gates_last_as_long_as_the_longest_qtype_ban() -> None:
         plan = plan_commit(pending(new), current, gates)
         want = ((net("198.51.100.10/32"), NOW + 900 + GATE_MARGIN),) if refreshed else ()
         assert plan.gate_add == want, gate
+    # a qtype element added by hand without a timeout: its gate has none either
+    forever = [installed("198.51.100.30", scope=qtype(ANY), expires=math.inf)]
+    script = render_commit(plan_commit(pending(ban("198.51.100.31")), forever), "floodd", NOW)
+    assert script.splitlines()[-1] == "add element inet floodd qgate4 { 198.51.100.30 }"
     # whole-source, UDP-only and hop bans are not gated; a gate is never deleted for one
     plan = plan_commit(pending(ban("198.51.100.20"), ban("198.51.100.20", scope=hops(64)),
                                target("198.51.100.10/32", qtype(TXT))), current)
@@ -439,7 +447,7 @@ def test_render_commit() -> None:
         f'timeout 600000ms comment "floodd {c} scope=udp,except=64 rule=f", '
         f'198.51.100.8 . 65-255 timeout 600000ms comment "floodd {c} scope=udp,except=64 '
         'rule=f" }',
-        'add element inet floodd qtype4 { 198.51.100.9 . 0-255 . 0x0000ff timeout 600000ms '
+        'add element inet floodd qtype4 { 198.51.100.9 . 0-255 . 0x0000ff0001 timeout 600000ms '
         f'comment "floodd {c} scope=udp,qtype=255 rule=a" }}',
         'add element inet floodd ban6net { 2001:db8:1::/64 timeout 60500ms comment '
         f'"floodd since={NOW:.0f} expires={NOW + 60:.0f} scope=all rule=p" }}',
@@ -468,7 +476,7 @@ def test_setup_script_follows_scope_ports_and_protocols() -> None:
         chain = [ln for ln in dns.splitlines()
                  if ln.startswith(f"add rule inet floodd qtype{version} ")]
         assert chain == [f"add rule inet floodd qtype{version} {ip} saddr . {hop} . "
-                         f"@th,{8 * (19 + length)},24 @qtype{version} drop"
+                         f"@th,{8 * (19 + length)},40 @qtype{version} drop"
                          for length in range(1, 256)]
     for bad in (dict(scope="some"), dict(table="in valid")):
         with pytest.raises(FlooddError):
@@ -880,6 +888,21 @@ def test_nftables_udp_only_ban_drops_udp_not_tcp(dns_lab: Any, in_server: Any) -
         assert not _dig(lab, source, "www.lab.example")
         assert _dig(lab, source, "+tcp", "www.lab.example")
     assert all(n >= 1 for n in in_server(_counts, backend).values())
+
+
+def test_nftables_udp_only_ban_with_scope_all(dns_lab: Any, in_server: Any, in_client: Any,
+                                              wait_for: Callable[..., bool]) -> None:
+    """Firewall scope all: a UDP-only ban drops UDP to any port, still no TCP."""
+    _needs_nft()
+    lab = dns_lab
+    lab.add_client_address("198.51.100.7")
+    now = time.time()
+    backend = NftablesBackend([53], ["udp", "tcp"], scope="all")
+    in_server(_apply, backend, [Ban(net("198.51.100.7/32"), "r", now, now + 600, UDP_ONLY)])
+    in_client(_send_udp, "198.51.100.7", lab.server_v4, 5353, 2)
+    assert wait_for(lambda: in_server(backend.list)[0].packets == 2)
+    assert _dig(lab, "198.51.100.7", "+tcp", "www.lab.example")
+    assert not _dig(lab, "198.51.100.7", "www.lab.example")
 
 
 def test_nftables_hop_ban_spares_the_usual_hop_value(dns_lab: Any, in_server: Any,

@@ -16,6 +16,8 @@ they drop a given packet), and the ban's scope as ``floodd bans --json`` shows i
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import shutil
 import time
@@ -34,7 +36,7 @@ from lab.netns import Lab
 REAL = "203.0.113.10"  # the legitimate client whose address is forged
 REAL6 = "2001:db8:1::10"
 OTHER = "198.51.100.20"  # another legitimate client
-FLOODER = "203.0.113.11"  # a real flooder, from its own address
+FLOODER = "198.51.100.11"  # a real flooder, from its own address (not REAL's /24)
 FORGED_HOPS = 50  # the forger's TTL: another path than the real client's
 LEGIT_RATE = 100
 FLOOD_RATE = 6000
@@ -95,12 +97,24 @@ class Run:
         read = load.iptables_bans if self.backend == "iptables" else load.kernel_bans
         return load.BanWatcher(self.lab, interval=0.1, limit=60, read=read).start()
 
-    def scopes(self, source: str) -> list[dict[str, Any]]:
-        """The scopes of every ban ``floodd bans --json`` lists for ``source``."""
+    def scopes(self, address: str) -> list[dict[str, Any]]:
+        """The scopes of the bans ``floodd bans --json`` lists for ``address`` or a prefix
+        holding it."""
         proc = floodd_cli(self.lab, self.floodd.config, "bans", "--json")
         assert proc.returncode == 0, proc.stderr
-        host = "/128" if ":" in source else "/32"
-        return [r["scope"] for r in yaml.safe_load(proc.stdout) if r["source"] == source + host]
+        ip = ipaddress.ip_address(address)
+        return [r["scope"] for r in json.loads(proc.stdout)
+                if ip in ipaddress.ip_network(r["source"])]
+
+    def dropped_when(self, address: str, hop: int, qtype: int, timeout: float) -> float:
+        """Unix time the kernel first drops such a query from ``address`` (over UDP),
+        polled every 0.1 s; infinity if not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _dropping(self.kernel(), address, hop, qtype):
+                return time.time()
+            time.sleep(0.1)
+        return float("inf")
 
 
 Start = Callable[..., Run]
@@ -142,15 +156,31 @@ def _legit(lab: Lab, source: str, tmp_path: Path, seconds: float) -> load.Dnsper
 
 
 def _served(report: load.DnsperfReport, seconds: float) -> None:
-    """The legitimate client sent at its rate and was answered (>= 99%), every second."""
+    """The legitimate client sent at its rate and was answered (>= 99%), every second
+    (dnsperf's first per-second line may come before its first answer: left out)."""
     assert report.sent >= 0.9 * LEGIT_RATE * seconds, report
     assert report.answered >= 0.99, report
-    assert min(q for _, q in report.intervals) >= 0.9 * LEGIT_RATE, report.intervals
+    assert min(q for _, q in report.intervals[1:]) >= 0.9 * LEGIT_RATE, report.intervals
 
 
 def _dropping(kernel: list[Any], address: str, hop: int, qtype: int,
               udp: bool = True) -> list[Any]:
     return [e for e in kernel if e.drops(address, hop=hop, qtype=qtype, udp=udp)]
+
+
+def _dropped_sources(kernel: list[Any], addresses: list[str], hop: int,
+                     qtype: int) -> list[str]:
+    """The addresses such a query from which the kernel drops (over UDP); elements
+    looked up by address, so that thousands of sources and bans take little time."""
+    by_address: dict[str, list[Any]] = {}
+    wide = []
+    for e in kernel:
+        if "/" in e.source or "-" in e.source:
+            wide.append(e)
+        else:
+            by_address.setdefault(e.source, []).append(e)
+    return [a for a in addresses
+            if _dropping(by_address.get(a, []) + wide, a, hop, qtype)]
 
 
 def _forged_flood(run: Run, wire: load.Wire, tmp_path: Path, source: str, hops: int,
@@ -245,10 +275,9 @@ def _forged_flood_at_another_hop_value(lab: Lab, wire: load.Wire, floodd: Start,
     legit = _legit(lab, real, tmp_path, LEARN + flood_seconds + 1)
     with load.ReplyCounter(lab, None, ports=forge.FORGED_PORTS) as replies:
         time.sleep(LEARN)
-        watcher = run.watcher()
         flood = _forged_flood(run, wire, tmp_path, real, FORGED_HOPS, flood_seconds)
-        watcher.wait_for([real], BAN_WITHIN + 1)
-        delay = watcher.first_seen.get(real, float("inf")) - flood.started
+        # A ban of the address or of its prefix, whichever rule fires first.
+        delay = run.dropped_when(real, FORGED_HOPS, A, BAN_WITHIN + 1) - flood.started
         time.sleep(1)
         after_ban, replied_by_then = time.time(), replies.packets()
         sent = flood.wait()
@@ -258,7 +287,6 @@ def _forged_flood_at_another_hop_value(lab: Lab, wire: load.Wire, floodd: Start,
         kernel = run.kernel()
         scopes = run.scopes(real)
         report = legit.wait()
-        watcher.stop()
     forged_after = sent.pps * max(0.0, flood_end - after_ban)
     print(f"{backend}: ban after {delay:.2f} s; {sent}; {replied_after} replies to "
           f"~{forged_after:.0f} forged queries from 1 s after the ban; legit {report}; "
@@ -286,31 +314,44 @@ def _forged_flood_at_another_hop_value(lab: Lab, wire: load.Wire, floodd: Start,
 def test_rotating_any_flood_with_the_real_clients_address_among_its_sources(
         lab: Lab, wire: load.Wire, floodd: Start, tmp_path: Path) -> None:
     sources = [REAL, *load.spoofed_sources(1999, seed=9)]
-    rounds, pps = 5, 2500  # each source every 0.8 s for 4 s
+    pps = 2500  # each source every 0.8 s
     run = floodd()
-    legit = [_legit(lab, a, tmp_path, LEARN + 6) for a in (REAL, OTHER)]
+    legit = [_legit(lab, a, tmp_path, LEARN + 12) for a in (REAL, OTHER)]
     with load.ReplyCounter(lab, None, ports=forge.FORGED_PORTS) as replies:
         time.sleep(LEARN)
-        sent = forge.Forger(lab, forge.rotating_queries(wire, sources, rounds, hops=FORGED_HOPS),
-                            tmp_path / "rotating.pcap", pps=pps).start().wait()
-        time.sleep(1)
+        # The flood: 5 rounds, until nearly every source is banned; then 2 more rounds.
+        flood = forge.Forger(lab, forge.rotating_queries(wire, sources, 5, hops=FORGED_HOPS),
+                             tmp_path / "rotating.pcap", pps=pps).start()
+        sent = flood.wait()
+        deadline = time.monotonic() + 8
+        while True:
+            banned = _dropped_sources(run.kernel(), sources, FORGED_HOPS, ANY)
+            if len(banned) >= 0.99 * len(sources) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        mitigated = time.time() - flood.started
         answered = replies.packets()
+        again = forge.Forger(lab, forge.rotating_queries(wire, sources, 2, hops=FORGED_HOPS),
+                             tmp_path / "again.pcap", pps=pps).start().wait()
+        time.sleep(0.5)
+        answered_again = replies.packets() - answered
     kernel = run.kernel()
     reports = [p.wait() for p in legit]
     scopes = run.scopes(REAL)
-    banned = [s for s in sources if _dropping(kernel, s, FORGED_HOPS, ANY)]
     print(f"{sent}; {answered} forged queries answered; {len(banned)} of {len(sources)} "
-          f"sources banned; legit {reports}; real client's scopes {scopes}")
+          f"sources banned {mitigated:.1f} s into the flood; then {answered_again} of "
+          f"{again.packets} answered; legit {reports}; real client's scopes {scopes}")
 
-    assert sent.packets == len(sources) * rounds
-    # Mitigated: each source is banned once it sent its second ANY.
-    assert len(banned) >= 0.9 * len(sources), len(banned)
-    assert answered <= 0.75 * sent.packets, answered
+    assert sent.packets == len(sources) * 5 and again.packets == len(sources) * 2
+    # Mitigated: each source is banned once it sent its second ANY (how soon: see
+    # bench/bench_forged.py); then the flood dies in the kernel.
+    assert len(banned) >= 0.99 * len(sources), len(banned)
+    assert answered_again <= 0.02 * again.packets, answered_again
     # ANY queries only: no source loses its other queries, the real client keeps its ANY.
     assert all(e.qtype == ANY for e in kernel if e.set not in load.GATE_SETS), kernel
     assert not _dropping(kernel, REAL, forge.REAL_HOPS, ANY)
     for report in reports:
-        _served(report, LEARN + 6)
+        _served(report, LEARN + 12)
     assert scopes and all(s["qtype"] == "ANY" and forge.REAL_HOPS in s["except_hops"]
                           for s in scopes), scopes
 
@@ -323,17 +364,14 @@ def test_real_flooder_at_its_usual_ttl_is_banned_whole_over_udp(
     legit = _legit(lab, REAL, tmp_path, LEARN + 6)
     # The flooder is a real client first: its usual TTL is known, and its flood matches it.
     _legit(lab, FLOODER, tmp_path, LEARN).wait()
-    watcher = run.watcher()
     flooder = load.Dnsperf(lab, FLOODER, tmp_path, duration=4, rate=FLOOD_RATE).start()
-    watcher.wait_for([FLOODER], BAN_WITHIN + 1)
-    delay = watcher.first_seen.get(FLOODER, float("inf")) - flooder.started
+    delay = run.dropped_when(FLOODER, forge.REAL_HOPS, A, BAN_WITHIN + 1) - flooder.started
     flood = flooder.wait()
     kernel = run.kernel()
     over_udp = forge.answered(lab, "www.lab.example", FLOODER)
     over_tcp = forge.answered(lab, "www.lab.example", FLOODER, tcp=True)
     scopes = run.scopes(FLOODER)
     report = legit.wait()
-    watcher.stop()
     print(f"{backend}: flooder banned after {delay:.2f} s; {flood}; legit {report}; "
           f"scopes {scopes}")
 

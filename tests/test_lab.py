@@ -81,6 +81,7 @@ NFT_LISTING = json.loads("""
 """)
 
 # `nft -j list table inet floodd` (nftables 1.0.6, trimmed to the sets): narrowed bans.
+# (A qtype element's last field, 0x0000ff0001 for ANY, is listed as 16711681.)
 # A whole-UDP ban of an address and of a prefix, a ban of one address's UDP at TTL / hop
 # limit other than 64 (two elements, one ban), ANY-only bans with and without a hop
 # exception, and the gate set of the sources with an ANY-only ban.
@@ -103,13 +104,13 @@ NFT_NARROWED = json.loads("""
    "comment": "floodd since=1 expires=61 scope=udp,except=64 rule=query-flood"}}]}},
  {"set": {"name": "qtype4", "type": ["ipv4_addr", "integer", "integer"],
   "flags": ["interval", "timeout"], "elem": [
-  {"elem": {"val": {"concat": ["203.0.113.10", {"range": [0, 63]}, 255]},
+  {"elem": {"val": {"concat": ["203.0.113.10", {"range": [0, 63]}, 16711681]},
    "counter": {"packets": 0, "bytes": 0},
    "comment": "floodd since=1 expires=61 scope=udp,qtype=255,except=64 rule=any-queries"}},
-  {"elem": {"val": {"concat": ["203.0.113.10", {"range": [65, 255]}, 255]},
+  {"elem": {"val": {"concat": ["203.0.113.10", {"range": [65, 255]}, 16711681]},
    "counter": {"packets": 0, "bytes": 0},
    "comment": "floodd since=1 expires=61 scope=udp,qtype=255,except=64 rule=any-queries"}},
-  {"elem": {"val": {"concat": ["198.18.0.7", {"range": [0, 255]}, 255]},
+  {"elem": {"val": {"concat": ["198.18.0.7", {"range": [0, 255]}, 16711681]},
    "counter": {"packets": 0, "bytes": 0},
    "comment": "floodd since=1 expires=61 scope=udp,qtype=255 rule=rotating-any"}}]}},
  {"set": {"name": "qgate4", "type": "ipv4_addr", "flags": ["timeout"], "elem": [
@@ -127,7 +128,8 @@ IPTABLES_SAVE = """\
 [5:300] -A FLOODD -s 203.0.113.10/32 -p udp -m ttl ! --ttl-eq 63 -m ttl ! --ttl-eq 64 \
 -m string --hex-string "|0000ff0001|" --algo bm -m comment --comment \
 "floodd since=1 expires=2 scope=udp,qtype=255,except=63+64 rule=any-queries" -j DROP
-[9:540] -A FLOODD -s 198.51.100.0/24 -m comment --comment "floodd since=1 expires=2 rule=prefix-flood" -j DROP
+[9:540] -A FLOODD -s 198.51.100.0/24 -m comment --comment \
+"floodd since=1 expires=2 rule=prefix-flood" -j DROP
 [0:0] -A FLOODD -s 2001:db8:1::10/128 -p udp -m hl ! --hl-eq 64 -m comment --comment \
 "floodd since=1 expires=2 scope=udp,except=64 rule=query-flood" -j DROP
 COMMIT
@@ -304,12 +306,14 @@ def test_forged_queries_carry_the_chosen_source_ttl_type_and_forged_ports() -> N
     assert {(r[1], r[3]) for r in records} == {(ipaddress.ip_address("203.0.113.10").packed,
                                                 qtype_code("ANY"))}
     assert {f[14 + 8] for f in frames} == {50}  # the IPv4 TTL
+    assert {r[5] for r in records} == {50}  # as floodd's parser reads it
     ports = {int.from_bytes(f[34:36], "big") for f in frames}
     assert len(ports) == 30 and all(forge.FORGED_PORTS[0] <= p <= forge.FORGED_PORTS[1]
                                     for p in ports)
     v6 = forge.forged_queries(WIRE, "2001:db8:1::10", 3, hops=7)
     assert [r[1] for r in _parse(v6)] == [ipaddress.ip_address("2001:db8:1::10").packed] * 3
     assert {f[14 + 7] for f in v6} == {7}  # the IPv6 hop limit
+    assert {r[5] for r in _parse(v6)} == {7}
 
 
 def test_rotating_queries_go_round_the_sources() -> None:

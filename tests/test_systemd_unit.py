@@ -158,7 +158,7 @@ def test_floodd_works_inside_the_units_sandbox(dns_lab: Any, tmp_path: Path) -> 
         daemon.start()
         daemon.wait_ready(timeout=60)
         finish(flood(dns_lab, tmp_path, "198.51.100.7", seconds=2))
-        daemon.wait_log(r"notice: ban 198\.51\.100\.7/32 for 30 s")
+        daemon.wait_log(r"notice: ban 198\.51\.100\.7/32 \(UDP only\) for 30 s")
         assert "198.51.100.7" in nft_elements(dns_lab)
         assert daemon.request("bans")["bans"][0]["source"] == "198.51.100.7/32"
         daemon.send(signal.SIGHUP)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from floodd.config import Config, Rule, build_config
-from floodd.detect.parse import F_EXTRA, F_MALFORMED, Record
-from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                                   prefix_key, prefix_keys, prefix_network, qtype_key,
-                                   split_qtype_key)
+from floodd.detect.hops import HopEvidence
+from floodd.detect.parse import F_EXTRA, F_MALFORMED, F_VERIFIED, Record
+from floodd.detect.ratetable import RateTable
+from floodd.detect.traffic import (HOP_SUFFIX, MALFORMED_QTYPE, TCP_SUFFIX, Traffic,
+                                   address_network, packet_sources, prefix_key, prefix_keys,
+                                   prefix_network, qtype_key, split_qtype_key)
 
 A, ANY = 1, 255
 S1 = ipaddress.ip_address("198.51.100.7").packed
@@ -17,6 +20,12 @@ S6 = ipaddress.ip_address("2001:db8:1::7").packed
 def rec(ts: float, src: bytes, qtype: int = A, flags: int = 0, proto: int = 17,
         hop: int = 64) -> Record:
     return (ts, src, proto, qtype, flags, hop)
+
+
+def configured(data: dict[str, Any]) -> Config:
+    """The configuration ``data`` describes, whole-source rules allowed below 100 packets."""
+    trust = {"min_whole_evidence": 1, **data.get("trust", {})}
+    return build_config({**data, "trust": trust})
 
 
 def rule(config: Config, name: str) -> Rule:
@@ -49,7 +58,7 @@ def test_packet_sources_leaves_out_extra_messages() -> None:
 
 
 def test_tables_follow_the_rules() -> None:
-    config = build_config({"rules": [
+    config = configured({"rules": [
         {"name": "all", "threshold": 10},
         {"name": "any", "match": "ANY", "threshold": 2},
         {"name": "bad", "match": "malformed", "threshold": 2},
@@ -74,7 +83,7 @@ def test_tables_follow_the_rules() -> None:
 
 
 def test_each_rule_window_has_its_own_table() -> None:
-    config = build_config({"rules": [
+    config = configured({"rules": [
         {"name": "any-minute", "match": "ANY", "threshold": 4, "window": 60},
         {"name": "any-10s", "match": "ANY", "threshold": 1, "window": 10},
         {"name": "all-5s", "threshold": 10, "window": 5},
@@ -110,7 +119,7 @@ def test_banned_sources_are_skipped_but_counted_in_totals() -> None:
 
 
 def test_forget_clears_a_source_in_every_table_keyed_by_it() -> None:
-    config = build_config({"rules": [
+    config = configured({"rules": [
         {"name": "all-5s", "threshold": 10, "window": 5},
         {"name": "all-20s", "threshold": 10, "window": 20},
         {"name": "any-10s", "match": "ANY", "threshold": 1, "window": 10},
@@ -136,7 +145,7 @@ RELOAD_RULES = [
 
 
 def test_reconfigure_keeps_the_counts_of_unchanged_tables() -> None:
-    old = build_config({"rules": RELOAD_RULES})
+    old = configured({"rules": RELOAD_RULES})
     t = Traffic(old)
     for second in range(5):
         t.add_batch(100.0 + second, [rec(0.0, S1, ANY)] * 20)
@@ -147,7 +156,7 @@ def test_reconfigure_keeps_the_counts_of_unchanged_tables() -> None:
     changed[0].update(threshold=50, ban_time=300)
     changed[1].update(name="any-renamed")
     changed[2].update(window=20)
-    new = build_config({"rules": changed})
+    new = configured({"rules": changed})
     t.reconfigure(new)
     assert t.table_for(rule(new, "flood")) is kept["flood"]
     assert t.table_for(rule(new, "flood")).count(now, S1) == 100
@@ -163,6 +172,141 @@ def test_reconfigure_keeps_the_counts_of_unchanged_tables() -> None:
     assert t.table_for(rule(new, "net")).count(now, prefix_key(S1, 24, 64)) == 1
     # The bucket or the capacity change every table.
     for rate_table in ({"bucket": 2}, {"capacity": 5000}):
-        other = build_config({"rules": changed, "rate_table": rate_table})
+        other = configured({"rules": changed, "rate_table": rate_table})
         t.reconfigure(other)
         assert t.table_for(rule(other, "flood")).count(now, S1) == 0
+
+
+# --- hop evidence ---------------------------------------------------------------------
+
+TCP = 6
+EVIDENCE_RULES = [
+    {"name": "flood", "threshold": 100, "window": 10},
+    {"name": "any", "match": "ANY", "threshold": 4, "window": 60},
+    {"name": "net", "aggregate": "prefix", "prefix_v4": 24, "threshold": 100, "window": 10},
+]
+NET = prefix_key(S1, 24, 64)  # S1 and S2 share it
+
+
+def learn(t: Traffic, *sources: bytes, hop: int = 64) -> None:
+    """Teach ``hop`` to each source (and its /24): first seen at 0, again at 60."""
+    for now in (0.0, 60.0):
+        t.add_batch(now, [rec(now, src, hop=hop) for src in sources])
+
+
+def test_evidence_counts_the_packets_at_the_usual_hops_and_over_verified_tcp() -> None:
+    config = configured({"rules": EVIDENCE_RULES})
+    flood, any_rule, net = (rule(config, n) for n in ("flood", "any", "net"))
+    t = Traffic(config)
+    learn(t, S1)
+    # A forged flood with S1's address at TTL 50, the real S1 at 64, S2 over TCP at 55.
+    for second in range(100, 106):
+        now = second + 0.5
+        t.add_batch(now, [rec(now, S1, hop=50)] * 50 + [rec(now, S1, hop=64)] * 3
+                    + [rec(now, S1, ANY, hop=50)] * 2 + [rec(now, S1, ANY, hop=64)]
+                    + [rec(now, S2, ANY, F_VERIFIED, TCP, hop=55)] * 4)
+    now = 105.5
+    assert t.table_for(flood).count(now, S1) == 6 * 56
+    assert t.evidence(now, flood, S1) == HopEvidence((64,), False, 6 * 4, 0)
+    assert t.evidence(now, any_rule, S1) == HopEvidence((64,), False, 6, 0)
+    assert t.evidence(now, flood, S2) == HopEvidence((55,), True, 24, 24)
+    assert t.evidence(now, any_rule, S2) == HopEvidence((55,), True, 24, 24)
+    # S2's handshakes verified the /24: its usual values are S2's.
+    assert t.evidence(now, net, NET) == HopEvidence((55,), True, 24, 24)
+    assert t.evidence(now, flood, S6) == HopEvidence((), False, 0, 0)
+
+
+def test_evidence_is_as_exact_as_the_rule_count() -> None:
+    # At any phase of the bucket, at_usual is what the rule's own table would count of
+    # the packets at the usual hop values alone, and tcp of the verified packets alone.
+    config = configured({"rules": [{"name": "flood", "threshold": 100, "window": 10,
+                                    "ban_time": 600}]})
+    flood = rule(config, "flood")
+    t = Traffic(config)
+    learn(t, S1)
+    at_usual = RateTable[bytes](10.0, 1.0, 100_000)
+    verified = RateTable[bytes](10.0, 1.0, 100_000)
+    for i in range(400):
+        now = 100.0 + i * 0.07
+        flags = F_VERIFIED if i % 7 == 0 else 0  # the real client over TCP, at 64
+        hop = 64 if flags else (64, 50, 64, 51, 52)[i % 5]
+        batch = [rec(now, S1, hop=hop, flags=flags, proto=TCP if flags else 17)] * (1 + i % 3)
+        t.add_batch(now, batch)
+        if hop == 64:
+            at_usual.add_keys(now, [S1] * len(batch))
+        if flags:
+            verified.add_keys(now, [S1] * len(batch))
+        if i % 13 == 0:
+            ev = t.evidence(now, flood, S1)
+            assert ev.usual == (64,) and ev.verified
+            assert (ev.at_usual, ev.tcp) == (at_usual.count(now, S1), verified.count(now, S1))
+
+
+def test_a_flood_does_not_teach_its_own_hops() -> None:
+    config = configured({"rules": EVIDENCE_RULES})
+    flood, net = rule(config, "flood"), rule(config, "net")
+    t = Traffic(config)
+    learn(t, S1)
+    t.add_batch(100.0, [rec(100.0, S1, hop=50)] * 200)
+    t.suspect(100.5, flood, S1)  # the rule fired: S1 and its /24 are suspect
+    for second in range(101, 161):  # the flood goes on for the next 60 s
+        t.add_batch(float(second), [rec(second, S1, hop=50)] * 200)
+    assert t.evidence(160.0, flood, S1).usual == (64,)
+    assert t.evidence(160.0, net, NET).usual == (64,)
+    # Without the rule firing, a minute of the same traffic makes 50 usual.
+    quiet = Traffic(config)
+    learn(quiet, S1)
+    for second in range(100, 161):
+        quiet.add_batch(float(second), [rec(second, S1, hop=50)])
+    assert quiet.evidence(160.0, flood, S1).usual == (50, 64)
+
+
+def test_banned_sources_teach_no_hops() -> None:
+    config = configured({"rules": EVIDENCE_RULES})
+    t = Traffic(config)
+    learn(t, S1)
+    for second in range(100, 161):
+        t.add_batch(float(second), [rec(second, S1, hop=50)], skip={S1})
+    assert t.evidence(160.0, rule(config, "flood"), S1).usual == (64,)
+
+
+def test_forget_drops_the_evidence_but_not_the_usual_hops() -> None:
+    config = configured({"rules": EVIDENCE_RULES})
+    flood, any_rule = rule(config, "flood"), rule(config, "any")
+    t = Traffic(config)
+    learn(t, S1)
+    t.add_batch(100.0, [rec(100.0, S1, ANY, F_VERIFIED, TCP, hop=64)] * 5)
+    assert t.evidence(100.0, any_rule, S1) == HopEvidence((64,), True, 5, 5)
+    t.forget(S1)
+    assert t.evidence(100.0, flood, S1) == HopEvidence((64,), True, 0, 0)
+    assert t.evidence(100.0, any_rule, S1) == HopEvidence((64,), True, 0, 0)
+
+
+def test_reconfigure_keeps_the_hop_histories_and_evidence_tables() -> None:
+    old = configured({"rules": EVIDENCE_RULES})
+    t = Traffic(old)
+    learn(t, S1)
+    t.add_batch(100.0, [rec(100.0, S1, ANY, F_VERIFIED, TCP, hop=64)] * 5
+                + [rec(100.0, S1, ANY, hop=50)] * 3)
+    histories = dict(t.histories)
+    evidence_tables = {s: table for s, table in t.tables.items()
+                       if s.kind.endswith((HOP_SUFFIX, TCP_SUFFIX))}
+    assert {s.kind for s in evidence_tables} == {
+        "source+hop", "source+tcp", "source+qtype+hop", "source+qtype+tcp", "prefix+hop",
+        "prefix+tcp"}
+    changed = [{**r, "threshold": 200} for r in EVIDENCE_RULES]
+    new = configured({"rules": changed, "trust": {"hop_learn_after": 120}})
+    t.reconfigure(new)
+    assert t.histories == histories
+    assert all(h.learn_after == 120.0 for h in t.histories.values())
+    assert all(t.tables[s] is table for s, table in evidence_tables.items())
+    assert t.evidence(100.0, rule(new, "any"), S1) == HopEvidence((64,), True, 5, 5)
+    # A new hop capacity starts the histories afresh; without hop_check there are none,
+    # and no hop evidence, but the verified TCP is still counted.
+    t.reconfigure(configured({"rules": changed, "trust": {"hop_capacity": 5000}}))
+    assert t.evidence(100.0, rule(new, "any"), S1) == HopEvidence((), False, 0, 5)
+    off = configured({"rules": changed, "trust": {"hop_check": False}})
+    t.reconfigure(off)
+    assert t.histories == {} and not any(s.kind.endswith("+hop") for s in t.tables)
+    t.add_batch(101.0, [rec(101.0, S1, ANY, F_VERIFIED, TCP, hop=64)])
+    assert t.evidence(101.0, rule(off, "any"), S1) == HopEvidence((), False, 0, 6)

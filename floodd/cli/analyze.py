@@ -4,6 +4,15 @@ It counts exactly what the daemon counts (queries to the DNS ports, malformed on
 included, attributed to their source), replays the configured rules over the
 capture's own timeline (its timestamps are the tables' clock; the rules are
 evaluated at the last packet of every bucket) and reports who they would ban.
+
+Hop values (IPv4 TTL / IPv6 hop limit) tell a forged source address from the real
+source (see floodd.scope): every source is reported with the hop values its packets
+came with, and every per-source trigger with the hop values of the packets that made
+it fire (the rule's matching packets in its window) against those the source used
+before that window.  A trigger whose packets came with a value the source had not used
+before is marked: that is what forged packets carrying a real client's address look
+like.  Times are those of the buckets the packets came in (see :class:`SourceHops`), so
+"before the window" is exact to within one bucket.
 """
 
 from __future__ import annotations
@@ -13,21 +22,31 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from operator import itemgetter
-from typing import Any, TextIO
+from itertools import compress, filterfalse, repeat
+from operator import add, itemgetter, not_
+from typing import Any, Iterable, Sequence, TextIO
 
 from floodd.cli.common import add_config_option, config_from_args
 from floodd.detect.capture import OfflineCapture
 from floodd.config import Config
 from floodd.errors import FlooddError
-from floodd.detect.parse import F_MALFORMED, Batch, Record
+from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record
 from floodd.decide.policy import Trigger, evaluate
 from floodd.qtypes import qtype_name
 from floodd.detect.ratetable import RateTable
 from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                            prefix_keys, prefix_network, qtype_key, split_qtype_key)
+                            prefix_keys, prefix_network, qtype_key, rule_qtype,
+                            split_qtype_key)
 
+_src = itemgetter(1)
 _qtype = itemgetter(3)
+_flags = itemgetter(4)
+_hop = itemgetter(5)
+
+HOP_VALUES = range(256)  # IPv4 TTL / IPv6 hop limit
+# A hop key is the packed source address followed by one byte, the hop value.
+_HOP_SUFFIX = [bytes((hop,)) for hop in HOP_VALUES]
+_SHOWN_HOPS = 5  # hop values the text report lists per source, the most common first
 
 # One bucket wider than any capture: a RateTable that never slides is a bounded counter.
 _FOREVER = float(2**40)
@@ -35,6 +54,102 @@ _FOREVER = float(2**40)
 
 def qtype_label(code: int) -> str:
     return "malformed" if code == MALFORMED_QTYPE else qtype_name(code)
+
+
+def hop_keys(src: bytes) -> list[bytes]:
+    """The hop keys of ``src``, one per hop value (the list's index)."""
+    return list(map(add, repeat(src, len(_HOP_SUFFIX)), _HOP_SUFFIX))
+
+
+def hop_tally(counts: dict[int, int]) -> dict[str, int]:
+    """Hop value -> packets as JSON (string keys), the most common first."""
+    return {str(hop): n for hop, n in sorted(counts.items(), key=lambda hn: (-hn[1], hn[0]))}
+
+
+def source_qtype_keys(records: Sequence[Record], flagged: bool) -> list[bytes]:
+    """The :func:`qtype_key` of every record with a query type (malformed ones: with
+    MALFORMED_QTYPE; a bare TCP segment has none), for each source's query-type mix.
+    ``flagged``: whether any record has flags.  Built in C for the usual batch, with
+    no flags and every query type known."""
+    if not flagged and min(map(_qtype, records)) >= 0:
+        qtypes = list(map(_qtype, records))
+        suffix = {qt: qtype_key(b"", qt) for qt in set(qtypes)}
+        return list(map(add, map(_src, records), map(suffix.__getitem__, qtypes)))
+    return [qtype_key(r[1], MALFORMED_QTYPE if r[4] & F_MALFORMED else r[3])
+            for r in records if r[3] >= 0 or r[4] & F_MALFORMED]
+
+
+class SourceHops:
+    """Every source's packets and hop values over a capture, in the memory of a rate table.
+
+    Per (source, hop value) pair, keyed by :func:`hop_keys`: its packets (a rate table
+    that never slides, bounded as any: see floodd.detect.ratetable; a source's packets
+    are those of its pairs), and when the pair was first and last seen, the last also
+    per query type a per-source rule counts (the pseudo type for malformed).  Times are
+    kept for at most twice as many pairs as the table tracks; beyond, those of the
+    pairs it no longer tracks go.  A pair first seen in a bucket is stamped with the
+    bucket's first packet, last seen with its last packet.  Every per-record step runs
+    in C (map, compress, filterfalse, Counter and dict methods).
+    """
+
+    def __init__(self, capacity: int, qtypes: Iterable[int]) -> None:
+        self.packets: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, capacity)
+        self.first: dict[bytes, float] = {}
+        self.last: dict[bytes, float] = {}
+        self.last_of: dict[int, dict[bytes, float]] = {qt: {} for qt in qtypes}
+
+    def add(self, part: Sequence[Record]) -> None:
+        """Count the records of one bucket, in time order."""
+        start, end = part[0][0], part[-1][0]
+        keys = list(map(add, map(_src, part), map(_HOP_SUFFIX.__getitem__, map(_hop, part))))
+        flags = list(map(_flags, part))
+        packets = keys
+        if any(flags):  # F_EXTRA records are further queries of a packet counted already
+            packets = list(compress(keys, map(not_, map(F_EXTRA.__and__, flags))))
+        self.packets.add_keys(0.0, packets)
+        first = self.first
+        first.update(zip(filterfalse(first.__contains__, packets), repeat(start)))
+        self.last.update(zip(packets, repeat(end)))
+        qtypes = set(map(_qtype, part)) if self.last_of else set()
+        for qt, last in self.last_of.items():
+            if qt == MALFORMED_QTYPE:
+                last.update(zip(compress(keys, map(F_MALFORMED.__and__, flags)), repeat(end)))
+            elif qt in qtypes:
+                last.update(zip(compress(keys, map(qt.__eq__, map(_qtype, part))),
+                                repeat(end)))
+        if len(first) > 2 * self.packets.capacity:  # the times of pairs no longer tracked go
+            tracked = [key for key, _ in self.packets.top(0.0, len(self.packets))]
+            self.first = {key: first[key] for key in tracked}
+            self.last = {key: self.last[key] for key in tracked}
+            for qt, last in self.last_of.items():
+                self.last_of[qt] = {key: last[key] for key in tracked if key in last}
+
+    def top(self, n: int) -> list[tuple[bytes, int, dict[int, int]]]:
+        """The ``n`` sources with the most packets, most first: (source, packets, hop
+        value -> packets)."""
+        hops: dict[bytes, dict[int, int]] = {}
+        for key, count in self.packets.top(0.0, len(self.packets)):
+            hops.setdefault(key[:-1], {})[key[-1]] = count
+        totals = Counter({src: sum(tally.values()) for src, tally in hops.items()})
+        return [(src, packets, hops[src]) for src, packets in totals.most_common(n)]
+
+    def flood(self, src: bytes, now: float, window: float,
+              qtype: int | None) -> dict[str, Any]:
+        """Whether the packets from ``src`` that a rule of ``qtype`` (None: all queries)
+        counts over ``window`` seconds up to ``now`` came with the hop values ``src``
+        used before: the ``usual`` values (seen before the window), those of the
+        ``flood`` (its matching packets in the window), and ``changed`` when a source
+        seen before sent the flood with a value not usual."""
+        since = now - window
+        keys = hop_keys(src)
+        first = self.first
+        usual = [hop for hop in compress(HOP_VALUES, map(first.__contains__, keys))
+                 if first[keys[hop]] <= since]
+        last = self.last if qtype is None else self.last_of[qtype]
+        flood = [hop for hop in compress(HOP_VALUES, map(last.__contains__, keys))
+                 if last[keys[hop]] > since]
+        return {"usual": usual, "flood": flood,
+                "changed": bool(usual) and not set(flood) <= set(usual)}
 
 
 @dataclass
@@ -92,11 +207,15 @@ class Analyzer:
         self.last_ts: float | None = None
         self.malformed = 0
         self.qtype_counts: Counter[int] = Counter()
-        self.lifetime: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         self.lifetime_qtypes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         self.lifetime_prefixes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         self.first: dict[tuple[str, str], Trigger] = {}
         self.first_at: dict[tuple[str, str], float] = {}
+        self.rules = {rule.name: rule for rule in config.rules}
+        self.hops = SourceHops(cap, {qt for rule in config.rules
+                                     if rule.aggregate == "source"
+                                     and (qt := rule_qtype(rule)) is not None})
+        self.hops_at: dict[tuple[str, str], dict[str, Any] | None] = {}
 
     def add(self, batch: Batch) -> None:
         self.report.frames += batch.frames
@@ -105,7 +224,9 @@ class Analyzer:
         if not records:
             return
         self.qtype_counts.update(map(_qtype, records))
-        self.malformed += sum(1 for r in records if r[4] & F_MALFORMED)
+        flagged = any(map(_flags, records))
+        if flagged:
+            self.malformed += sum(1 for r in records if r[4] & F_MALFORMED)
         bucket = self.config.rate_table.bucket
         if self.first_ts is None:
             self.first_ts = records[0][0]
@@ -114,22 +235,28 @@ class Analyzer:
             if self.last_ts is not None and part[0][0] // bucket != self.last_ts // bucket:
                 self._evaluate(self.last_ts)
             self.traffic.add_batch(part[-1][0], part)
+            self.hops.add(part)
             self.last_ts = part[-1][0]
         sources = packet_sources(records)
-        self.lifetime.add_keys(0.0, sources)
         self.lifetime_prefixes.add_keys(0.0, prefix_keys(sources, 24, 64))
-        # Each source's query-type mix; packets with no query type known (e.g. a
-        # bare TCP segment) have none to add.
-        self.lifetime_qtypes.add_keys(0.0, [
-            qtype_key(r[1], MALFORMED_QTYPE if r[4] & F_MALFORMED else r[3])
-            for r in records if r[3] >= 0 or r[4] & F_MALFORMED])
+        self.lifetime_qtypes.add_keys(0.0, source_qtype_keys(records, flagged))
+
+    def _trigger_hops(self, now: float, trig: Trigger) -> dict[str, Any] | None:
+        """:meth:`SourceHops.flood` for a per-source trigger; None for a prefix (hop
+        values are a source's)."""
+        rule = self.rules[trig.rule]
+        if rule.aggregate != "source":
+            return None
+        return self.hops.flood(trig.network.network_address.packed, now, rule.window,
+                               rule_qtype(rule))
 
     def _evaluate(self, now: float) -> None:
-        for trig in evaluate(now, self.traffic, self.config.rules):
+        for trig in evaluate(now, self.traffic, self.config.rules, self.config.trust):
             key = (trig.rule, str(trig.network))
             old = self.first.get(key)
-            if old is None:
+            if old is None:  # when the daemon would act: its time and hop values
                 self.first_at[key] = now
+                self.hops_at[key] = self._trigger_hops(now, trig)
             if old is None or trig.count > old.count:
                 self.first[key] = trig
 
@@ -149,11 +276,12 @@ class Analyzer:
         for key, n in self.lifetime_qtypes.top(0.0, len(self.lifetime_qtypes)):
             src, code = split_qtype_key(key)
             mixes.setdefault(src, Counter())[qtype_label(code)] += n
-        for src, n in self.lifetime.top(0.0, top):
+        for src, n, hops in self.hops.top(top):
             rep.sources.append({
                 "source": str(address_network(src).network_address), "packets": n,
                 "peak_rate": round(t.sources.peak(src) / bucket, 1),
                 "qtypes": dict(mixes.get(src, Counter()).most_common(5)),
+                "hops": hop_tally(hops),
             })
         for key, n in self.lifetime_prefixes.top(0.0, top):
             rep.prefixes.append({"prefix": str(prefix_network(key, 24, 64)), "packets": n})
@@ -161,8 +289,10 @@ class Analyzer:
         for which, trig in sorted(self.first.items(), key=lambda kv: (-kv[1].rate, kv[0])):
             rep.would_ban.append({
                 "source": str(trig.network), "rule": trig.rule, "action": trig.action,
+                "scope": trig.scope.as_json() if trig.action == "ban" else None,
                 "count": trig.count, "window": trig.window, "rate": round(trig.rate, 1),
                 "after": round(self.first_at[which] - start, 3),
+                "hops": self.hops_at[which],
             })
         return rep
 
@@ -194,6 +324,38 @@ def analyze_file(path: str, config: Config, top: int = 10,
     return analyzer.finish(top)
 
 
+def _more(shown: list[str], total: int) -> str:
+    return f" and {total - len(shown)} more" if total > len(shown) else ""
+
+
+def _source_line(s: dict[str, Any]) -> str:
+    mix = ", ".join(f"{k} {v}" for k, v in s["qtypes"].items())
+    hops = s["hops"]
+    if hops:
+        shown = [f"{hop} ({n})" for hop, n in hops.items()][:_SHOWN_HOPS]
+        name = "hop limit" if ":" in s["source"] else "TTL"
+        mix += f"{'; ' if mix else ''}{name} {', '.join(shown)}{_more(shown, len(hops))}"
+    return f"{s['packets']:>10} {s['peak_rate']:>9}  {s['source']}  {mix}"
+
+
+def _hop_list(hops: list[int]) -> str:
+    shown = list(map(str, hops[:_SHOWN_HOPS]))
+    return "/".join(shown) + _more(shown, len(hops))
+
+
+def _trigger_line(b: dict[str, Any]) -> str:
+    line = (f"  {b['action']:<4} {b['source']:<24} rule {b['rule']}: "
+            f"{b['count']} in {b['window']:g} s ({b['rate']}/s), "
+            f"{b['after']:.1f} s into the capture")
+    if b["action"] == "ban":
+        line += f"; {b['scope']['text']}"
+    hops = b["hops"]
+    if hops is not None and hops["changed"]:
+        line += (f"; hop values changed: usual {_hop_list(hops['usual'])}, "
+                 f"flood {_hop_list(hops['flood'])}")
+    return line
+
+
 def format_report(rep: Report) -> str:
     lines = [
         f"capture: {rep.file}",
@@ -202,20 +364,15 @@ def format_report(rep: Report) -> str:
         f"{rep.ignored} frames were not queries to it",
         "query types: " + (", ".join(f"{k} {v}" for k, v in rep.qtypes.items()) or "none"),
         "",
-        f"{'packets':>10} {'peak/s':>9}  source and query types",
+        f"{'packets':>10} {'peak/s':>9}  source, query types; TTL or hop limit (packets)",
     ]
-    for s in rep.sources:
-        mix = ", ".join(f"{k} {v}" for k, v in s["qtypes"].items())
-        lines.append(f"{s['packets']:>10} {s['peak_rate']:>9}  {s['source']}  {mix}")
+    lines += [_source_line(s) for s in rep.sources]
     lines += ["", f"{'packets':>10}  prefix"]
     lines += [f"{p['packets']:>10}  {p['prefix']}" for p in rep.prefixes]
     lines.append("")
     if rep.would_ban:
         lines.append("the configured rules would act on:")
-        for b in rep.would_ban:
-            lines.append(f"  {b['action']:<4} {b['source']:<24} rule {b['rule']}: "
-                         f"{b['count']} in {b['window']:g} s ({b['rate']}/s), "
-                         f"{b['after']:.1f} s into the capture")
+        lines += [_trigger_line(b) for b in rep.would_ban]
     else:
         lines.append("the configured rules would not act on any source")
     return "\n".join(lines)
@@ -239,8 +396,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "analyze", help="count a capture file's DNS queries per source, like sort | uniq -c",
         description="Read a pcap or pcapng capture and report what floodd would count: "
-                    "queries per source and prefix, query types, malformed packets, peak "
-                    "rates, and which sources the configured rules would ban.")
+                    "queries per source and prefix, query types, TTL/hop-limit values, "
+                    "malformed packets, peak rates, and which sources the configured rules "
+                    "would ban, with what scope; a flood whose TTL/hop-limit values differ "
+                    "from the ones its source used before is marked (forged packets "
+                    "carrying a real client's address look like that).")
     p.add_argument("file", metavar="FILE", help="capture file (pcap or pcapng)")
     p.add_argument("--top", type=int, default=10, metavar="N",
                    help="how many sources and prefixes to list (default 10)")

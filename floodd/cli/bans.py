@@ -25,6 +25,7 @@ from floodd.enforce.banset import BanSet, NewBan, holder
 from floodd.enforce.clock import now as clock_now
 from floodd.enforce.firewall import BACKENDS, make_backend
 from floodd.enforce.firewall.base import Backend, Network
+from floodd.scope import WHOLE
 from floodd.decide.safety import own_networks, protected_reason
 from floodd.service.requests import DEFAULT_BAN_TIME, DEFAULT_REASON, MAX_BAN_TIME, check_reason
 
@@ -74,23 +75,25 @@ def _show_source(network: Network) -> str:
 
 
 def format_bans(records: list[dict[str, Any]], now: float) -> list[str]:
+    """The ``floodd bans`` table of control-socket records (:meth:`InstalledBan.as_json`);
+    one network may show several bans, one per scope."""
     if not records:
         return ["no bans"]
-    rows = [("SOURCE", "RULE", "BANNED SINCE", "EXPIRES IN", "PACKETS", "BYTES")]
+    rows = [("SOURCE", "SCOPE", "RULE", "BANNED SINCE", "EXPIRES IN", "PACKETS", "BYTES")]
     for r in records:
-        rows.append((_show_source(ipaddress.ip_network(r["source"])), r["rule"],
-                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"])),
+        rows.append((_show_source(ipaddress.ip_network(r["source"])), r["scope"]["text"],
+                     r["rule"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"])),
                      "never" if r["expires"] is None else human_duration(r["expires"] - now),
                      str(r["packets"]), str(r["bytes"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    return ["  ".join(cell.rjust(w) if i >= 4 else cell.ljust(w)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i >= 5 else cell.ljust(w)
                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
             for row in rows]
 
 
-def _sort_key(record: dict[str, Any]) -> tuple[int, Any]:
+def _sort_key(record: dict[str, Any]) -> tuple[int, Any, str]:
     net = ipaddress.ip_network(record["source"])
-    return net.version, net
+    return net.version, net, record["scope"]["text"]
 
 
 def _backend(args: argparse.Namespace, config: Config) -> Backend:
@@ -165,25 +168,30 @@ def _unban(args: argparse.Namespace) -> int:
         banned = [ipaddress.ip_network(r["source"]) for r in reply["bans"]]
     else:
         bans = _kernel_bans(args, config, set_up=False)
-        banned = bans.networks()
+        banned = [t.network for t in bans.targets()]
     if network is not None and network not in banned:
         inside = holder(network, banned)
         print(f"{_show_source(network)} is not banned"
               + (f" (it lies inside the banned prefix {inside})" if inside else ""),
               file=sys.stderr)
         return 1
-    targets = banned if network is None else [network]
+    # The scopes of the bans removed (every ban of the network, whatever its scope).
     if bans is None:
-        if network is None:
-            _daemon(args, config, "unban", all=True)
-        else:
-            _daemon(args, config, "unban", source=str(network))
+        done = _daemon(args, config, "unban",
+                       **({"all": True} if network is None else {"source": str(network)}))
+        if done is None:
+            raise Failure("floodd stopped before it removed the bans; run the command again")
+        scopes: list[dict[str, Any]] = [r["scope"] for r in done["bans"]]
     else:
-        targets = list(bans.unban(clock_now(), targets))
+        scopes = [t.scope.as_json() for t in
+                  bans.unban(clock_now(), None if network is None else [network])]
     if network is None:
-        print(f"unbanned {len(targets)} {'ban' if len(targets) == 1 else 'bans'}")
-    else:
+        print(f"unbanned {len(scopes)} {'ban' if len(scopes) == 1 else 'bans'}")
+    elif scopes in ([], [WHOLE.as_json()]):
         print(f"unbanned {_show_source(network)}")
+    else:
+        print(f"unbanned {_show_source(network)} "
+              f"({'; '.join(scope['text'] for scope in scopes)})")
     return 0
 
 
@@ -197,12 +205,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "bans", help="list the bans in the firewall",
-        description="List every ban in the firewall: source, rule (or the operator's "
-                    "reason), when it started, when it expires, and the packets and bytes "
-                    "dropped from it. Asks the running daemon, or reads the kernel.")
+        description="List every ban in the firewall: source, scope (what of the source's "
+                    "traffic it drops: the whole source, UDP only, one query type, or the "
+                    "packets not arriving with the source's usual TTL/hop limit), rule (or "
+                    "the operator's reason), when it started, when it expires, and the "
+                    "packets and bytes dropped from it. One source may have several bans "
+                    "of different scopes. Asks the running daemon, or reads the kernel.")
     p.add_argument("--json", action="store_true",
-                   help="print JSON: a list of {source, rule, since, expires, packets, bytes}, "
-                        "times in unix seconds")
+                   help="print JSON: a list of {source, scope, rule, since, expires, packets, "
+                        "bytes}, times in unix seconds; scope is {protocols (udp or all), "
+                        "qtype (a name or null), except_hops (TTL/hop-limit values that "
+                        "pass), text}")
     _add_common(p)
     p.set_defaults(handler=_bans)
 
@@ -224,8 +237,9 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "unban", help="lift a ban",
-        description="Remove the ban of SOURCE (exactly as listed by 'floodd bans'), or "
-                    "every ban with --all. Exit status 1 when SOURCE is not banned.")
+        description="Remove the bans of SOURCE (exactly as listed by 'floodd bans'; all "
+                    "of them, whatever their scope), or every ban with --all. Exit status 1 "
+                    "when SOURCE is not banned.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("source", metavar="SOURCE", nargs="?", help="banned address or prefix")
     which.add_argument("--all", action="store_true", help="remove every ban")

@@ -2,17 +2,25 @@
 
 Both sources hand out :class:`floodd.detect.parse.Batch` objects.  A live capture is
 nonblocking and waits on its file descriptor with the caller's timeout: libpcap's
-own read timeout can block forever on an idle Linux interface.  It only sees
-packets arriving at the host (``PCAP_D_IN``), like the Linux cooked frames the
-parser counts.  A live capture stamps its records with ``time.monotonic()`` at
-the read (the kernel's frame timestamps follow the wall clock, which can step);
-a file's records carry the capture's own timestamps.
+own read timeout can block forever on an idle Linux interface.  Its kernel filter
+(:func:`build_filter`) passes the queries arriving at the host and, of the frames
+it sends, only the TCP SYN-ACKs from the DNS ports, which the parser needs to see
+TCP clients complete their handshakes (``F_VERIFIED``); on a link where the filter
+cannot tell the host's frames apart (:func:`sent_by_host`: not Ethernet or Linux
+cooked, or no MAC address), it takes the incoming direction only, without
+SYN-ACKs, so no record there is verified.  A live capture stamps its
+records with ``time.monotonic()`` at the read (the kernel's frame timestamps follow
+the wall clock, which can step); a file's records carry the capture's own
+timestamps.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
@@ -21,7 +29,13 @@ import pcapy
 
 from floodd.config import CaptureConfig
 from floodd.errors import FlooddError
-from floodd.detect.parse import LINKTYPE_ETHERNET, Batch, Parser
+from floodd.detect.parse import (
+    LINKTYPE_ETHERNET,
+    LINKTYPE_LINUX_SLL,
+    LINKTYPE_LINUX_SLL2,
+    Batch,
+    Parser,
+)
 
 READ_TIMEOUT_MS = 50  # libpcap's buffering timeout; waits are done with select()
 
@@ -48,11 +62,15 @@ class PacketSource(Protocol):
 
 
 def build_filter(ports: Iterable[int], protocols: Iterable[str], extra: str = "", *,
-                 vlan: bool = True) -> str:
+                 vlan: bool = True, sent: str | None = None) -> str:
     """A BPF filter passing queries to the DNS ports over the protocols, and the
-    IPv4/IPv6 fragments that may belong to them; ``vlan`` repeats the test for
-    frames with one or two 802.1Q/802.1ad tags (Ethernet only); ``extra`` is and-ed
-    to the whole."""
+    IPv4/IPv6 fragments that may belong to them, with ``extra`` and-ed to those.
+
+    ``sent`` is a test for the frames this host sent (:func:`sent_by_host`): given
+    it, those never pass as queries (this host's own queries to a DNS port), and
+    with TCP the SYN-ACKs they carry from the DNS ports pass too; without it the
+    capture must take the incoming direction only.  ``vlan`` repeats the test for
+    frames with one or two 802.1Q/802.1ad tags (Ethernet only)."""
     port_list = sorted(set(ports))
     protos = [p for p in ("udp", "tcp") if p in {q.lower() for q in protocols}]
     if not port_list or not protos:
@@ -68,9 +86,46 @@ def build_filter(ports: Iterable[int], protocols: Iterable[str], extra: str = ""
             f" or (ip6[6] == 44 and ({ip6_proto}))")
     if extra.strip():
         core = f"({core}) and ({extra})"
+    if sent is not None:
+        core = f"not ({sent}) and ({core})"
+        if "tcp" in protos:
+            src = " or ".join(f"src port {p}" for p in port_list)
+            # SYN and ACK set: tcp[] reads IPv4 only; over IPv6 the flags are byte 13
+            # of a TCP header right after the fixed one (ip6[6] == 6), ip6[53].
+            syn_ack = ("tcp[tcpflags] & (tcp-syn|tcp-ack) == (tcp-syn|tcp-ack)"
+                       " or (ip6[6] == 6 and ip6[53] & 0x12 == 0x12)")
+            core = f"({core}) or (({sent}) and tcp and ({src}) and ({syn_ack}))"
     # Each "vlan" moves the offsets of everything after it in the expression by one
     # tag: untagged, then one tag, then two (QinQ).
     return f"{core} or (vlan and ({core} or (vlan and ({core}))))" if vlan else core
+
+
+SIOCGIFHWADDR = 0x8927  # Linux ioctl: an interface's hardware address (struct ifreq)
+
+
+def sent_by_host(linktype: int, interface: str) -> str | None:
+    """A BPF test for the frames this host sent on ``interface``, or None.
+
+    A Linux cooked capture has the direction in its header.  On Ethernet the
+    interface's own MAC address as the source (read once, here) stands for it:
+    libpcap's ``outbound`` and ``inbound`` read the kernel's direction, which
+    only the kernel can, and libpcap runs a new filter in userland too over the
+    first ring block after setting it, where such a filter rejects every packet
+    (up to the read timeout's worth of queries would be lost).  None for other
+    link types, and for an interface without an address of its own (loopback's
+    is all zeros, and every frame there carries it).
+    """
+    if linktype in (LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2):
+        return "outbound"
+    if linktype != LINKTYPE_ETHERNET:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            ifreq = fcntl.ioctl(sock, SIOCGIFHWADDR, struct.pack("40s", interface.encode()))
+        except OSError:
+            return None
+    mac = ifreq[18:24]  # struct ifreq (40 bytes): 16-byte name, sockaddr (family, data)
+    return f"ether src {mac.hex(':')}" if any(mac) else None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -85,7 +140,8 @@ _ACTIVATE_ERRORS = {
 
 
 class LiveCapture:
-    """Packets arriving on one interface (``any``: all of them)."""
+    """Packets arriving on one interface (``any``: all of them), and the SYN-ACKs this
+    host sends there (see the module docstring)."""
 
     def __init__(self, interface: str, config: CaptureConfig) -> None:
         self.interface = interface
@@ -97,14 +153,16 @@ class LiveCapture:
                 self._parser = Parser(self.linktype, config.ports, config.protocols)
             except FlooddError as exc:
                 raise FlooddError(f"cannot capture on interface {interface}: {exc}") from None
+            sent = sent_by_host(self.linktype, interface)
             expr = build_filter(config.ports, config.protocols, config.bpf_filter,
-                                vlan=self.linktype == LINKTYPE_ETHERNET)
+                                vlan=self.linktype == LINKTYPE_ETHERNET, sent=sent)
             try:
                 pcap.setfilter(expr)
             except pcapy.PcapError as exc:
                 raise FlooddError(f"bad capture filter {expr!r}: {_error_text(exc)}") from None
             try:
-                pcap.setdirection(pcapy.PCAP_D_IN)
+                if sent is None:  # the filter cannot tell this host's frames apart
+                    pcap.setdirection(pcapy.PCAP_D_IN)
                 pcap.setnonblock(1)
                 self._fd: int = pcap.getfd()
             except pcapy.PcapError as exc:

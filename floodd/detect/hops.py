@@ -15,7 +15,8 @@ Learning.
   before its rule fires, provided ``learn_after`` is at least the rule window, and a
   one-off packet (a forged probe) teaches nothing.  Until then a value is *pending*.
 * ``suspect(key, now)`` discards the key's pending values and learns no UDP value for
-  it (nor takes it on probation) for ``learn_after`` seconds from the latest call.
+  it (nor takes it on probation, nor promotes its pairs on probation) for
+  ``learn_after`` seconds from the latest call.
 * Values seen over handshake-verified TCP (``F_VERIFIED``: a forged source cannot
   complete a handshake) are a trusted tier: once a key has one, its usual values are
   its verified ones, usual at once; its UDP values are dropped and UDP cannot add any.
@@ -31,31 +32,35 @@ What a forger can still do: values sent with a real source's address at a low ra
 count as the source's own.  A source seen over verified TCP cannot be primed.
 
 Memory (at most ``capacity`` established keys plus ``probation`` pairs):
-* a key seen for the first time goes on probation: its (key, value) pair is kept in
-  two generations of ``probation // 2`` pairs each, with the time it was first seen.
-  When the young generation is full it becomes the old one and the old one is
-  dropped; a pair seen again moves to the young generation (keeping its first
-  time), so pairs that keep coming survive and one-off ones leave after two
-  generations.  A pair seen again ``learn_after`` after it was first seen
-  establishes its key, with that value usual.  A flood of forged one-off sources
-  therefore churns the probation only: it never takes the place of an established
-  key.  (New sources are learned while fewer than ``probation // 2`` new pairs come
-  per time a source takes to come back; during a large forged flood, they may not.)
+* a key seen for the first time goes on probation: its (key, value) pair is kept, with
+  the time it was first seen, in one of two generations, at most ``probation`` pairs
+  in both.  A pair seen again moves to the young generation (keeping its first
+  time), and establishes its key, with that value usual, once seen again
+  ``learn_after`` after it was first seen.  When the probation is full, the old
+  generation (the pairs not seen again since it was the young one) is dropped and
+  the young one becomes the old one, if it is at least ``learn_after`` old; else new
+  pairs are turned away.  So a flood of forged one-off sources only churns the
+  probation and never takes the place of an established key; new sources are
+  learned ``probation`` per ``learn_after`` at least, but during a flood of new
+  sources that keeps the probation full, they may not be.
 * established keys, when there are ``capacity`` of them, make room for a new one
   by dropping the ``capacity // 16`` least recently seen, at once.
 * suspect marks are kept for ``learn_after``; more than ``capacity`` at once keep
   the latest ``capacity // 2``.
 About 300 bytes per established key with one value (bench/bench_memory.py).
 
-CPU.  Per batch, every per-packet step runs in C (``set``, dict views, ``map``,
-``compress``): the pairs already held refresh their time, those of unknown keys go
-on probation.  Python-level steps, one per *observation*, are taken only for a
-verified pair not yet held, a new value of an established key, and a pair on
-probation seen again (the promotion check); ``budget`` (``LEARN_BUDGET``, 10,000)
-bounds them per second of the clock.  Beyond it, observations are left out
-(counted in ``skipped``) until the next second: established keys keep their
-values and their times, but new values and new keys may not be learned during
-such a flood.  10,000 observations cost about 10-20 ms of CPU a second.
+CPU.  ``budget`` (``LEARN_BUDGET``, 20,000) bounds the packets (pairs) a history looks
+at: ``budget`` a second on average, at most a second's worth at once, and as many of
+those over verified TCP.  Batches beyond it are left out (counted in ``skipped``), so
+the batches looked at spread over time.  Each batch looked at costs a few passes in C
+over its pairs (``set``, dict views, ``map``, ``compress``: the pairs already held
+refresh their time, those of unknown keys go on probation) and one Python step per
+distinct pair that is a new value of an established key, verified and not held yet,
+or on probation and seen again: about 1 us a packet, so at most about 20 ms of CPU a
+second per history, whatever the packet rate.  Beyond the budget, established keys
+keep their values (nothing is dropped but to make room for a new key), but new
+values and new keys may be learned late or not at all during a flood: at 200,000
+packets a second, one in ten teaches the history.
 
 Every method takes the clock as ``now`` (monotonic in the daemon, the capture's
 timestamps offline).  Not thread-safe.
@@ -65,15 +70,15 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
-from collections.abc import Iterable, Sequence
-from itertools import compress, islice, repeat
+from collections.abc import Iterable, KeysView, Sequence
+from dataclasses import dataclass
+from itertools import compress, islice
 from operator import add, itemgetter, not_
 
 from floodd.scope import MAX_EXCEPT_HOPS
 
 HOP_BYTES = tuple(bytes((hop,)) for hop in range(256))  # the suffix of a pair, per value
-LEARN_BUDGET = 10_000  # observations taken per second (see the module docstring)
+LEARN_BUDGET = 20_000  # pairs looked at per second (see the module docstring)
 PROBATION_SHARE = 4  # the probation holds capacity // PROBATION_SHARE pairs at most
 EVICT_SHARE = 16  # a full history drops capacity // EVICT_SHARE keys at once
 
@@ -83,6 +88,17 @@ _key_of = itemgetter(slice(None, -1))  # a pair's key
 def hop_keys(keys: Iterable[bytes], hops: Iterable[int]) -> list[bytes]:
     """The pair of each key and hop value (0..255): the key followed by one byte."""
     return list(map(add, keys, map(HOP_BYTES.__getitem__, hops)))
+
+
+@dataclass(frozen=True)
+class HopEvidence:
+    """What a rule's packets from one key in its window say about their source being
+    real (:meth:`floodd.detect.traffic.Traffic.evidence`)."""
+
+    usual: tuple[int, ...]  # the key's usual hop values, sorted (none: no history)
+    verified: bool  # whether they were seen over handshake-verified TCP
+    at_usual: int  # the rule's matching packets at one of those values
+    tcp: int  # the rule's matching packets over verified TCP
 
 
 class HopHistory:
@@ -97,14 +113,15 @@ class HopHistory:
         self.learn_after = learn_after  # the daemon may change it on reload
         self.budget = budget
         self.probation = max(capacity // PROBATION_SHARE, 2)
-        self.skipped = 0  # observations left out by the budget
+        self.skipped = 0  # pairs left out by the budget
         # Invariants, for every established key k (and only those):
         #   _seen[k] = when k was last seen; _hops[k] = the values held (at most
         #   MAX_EXCEPT_HOPS), each value h as pair p = k + HOP_BYTES[h] in _last
-        #   (when p was last seen); p in _pending (when first seen) while h may not be
-        #   usual yet, i.e. unless _last[p] - _pending[p] >= learn_after; k in
-        #   _verified iff the values held were seen over verified TCP (none pending).
-        # Pairs on probation (keys not established) are in _young or _old, not both.
+        #   (when p was last seen); h is usual unless p is in _pending (when p was
+        #   first seen) and _last[p] - _pending[p] < learn_after; k is in _verified
+        #   iff the values held were seen over verified TCP (then none is pending).
+        # A pair on probation is in _young or _old, not both, and not in _last; its key
+        # may have been established since (the pair is taken from there when seen).
         self._seen: dict[bytes, float] = {}
         self._hops: dict[bytes, bytes] = {}
         self._last: dict[bytes, float] = {}
@@ -112,17 +129,21 @@ class HopHistory:
         self._verified: set[bytes] = set()
         self._young: dict[bytes, float] = {}
         self._old: dict[bytes, float] = {}
+        self._young_since = -math.inf  # when the young generation started
         self._blocked: dict[bytes, float] = {}  # suspect key -> learning resumes at
         self._unblock = math.inf  # the earliest time in _blocked
         self._settle_at = -math.inf  # next time pending values that became usual are settled
-        self._second = -math.inf  # the second of the clock the budget is spent in
-        self._spent = 0
+        # The budget as two token buckets (all pairs, verified ones): each refills at
+        # ``budget`` a second up to ``budget``; a batch is looked at while it is positive.
+        self._tokens = self._verified_tokens = float(budget)
+        self._refilled = -math.inf  # when the tokens were last refilled
 
     def __len__(self) -> int:
         """Keys established plus pairs on probation: at most capacity + probation."""
         return len(self._seen) + len(self._young) + len(self._old)
 
     def established(self) -> int:
+        """Keys established (not on probation)."""
         return len(self._seen)
 
     def usual(self, key: bytes) -> tuple[int, ...]:
@@ -133,6 +154,11 @@ class HopHistory:
         if key in self._verified:
             return tuple(sorted(held))
         return tuple(sorted(h for h in held if self._is_usual(key + HOP_BYTES[h])))
+
+    def held_pairs(self) -> KeysView[bytes]:
+        """The pairs of every value held for an established key (usual or pending), for
+        C-speed membership tests; a live view."""
+        return self._last.keys()
 
     def held(self, key: bytes) -> bytes:
         """Every value held for an established key, usual or pending (one byte each)."""
@@ -166,9 +192,8 @@ class HopHistory:
                 else:
                     self._drop_pair(pair)
             self._hops[key] = bytes(keep)
-        pairs = list(map(key.__add__, HOP_BYTES))
-        for generation in (self._young, self._old):
-            deque(map(generation.pop, pairs, repeat(None)), maxlen=0)  # in C
+        # Its pairs on probation stay there (dropping them would cost 512 lookups for
+        # every trigger of every tick), but none is promoted while it is suspect.
         until = now + self.learn_after
         self._blocked.pop(key, None)  # re-inserted last: the dict stays in time order
         self._blocked[key] = until
@@ -185,15 +210,22 @@ class HopHistory:
         them ``verified``, those of packets over handshake-verified TCP."""
         if not pairs:
             return
-        second = math.floor(now)
-        if second > self._second:
-            self._second, self._spent = second, 0
+        if now > self._refilled:
+            gained = (now - self._refilled) * self.budget
+            self._tokens = min(self._tokens + gained, self.budget)
+            self._verified_tokens = min(self._verified_tokens + gained, self.budget)
+            self._refilled = now
         if now >= self._unblock:
             self._unblock_expired(now)
         if now >= self._settle_at:
             self._settle(now)
-        if verified:
+        if verified and self._verified_tokens > 0:
+            self._verified_tokens -= len(verified)
             self._learn_verified(now, set(verified))
+        if self._tokens <= 0:
+            self.skipped += len(pairs)
+            return
+        self._tokens -= len(pairs)
         distinct = set(pairs)
         last, seen = self._last, self._seen
         held = last.keys() & distinct
@@ -212,13 +244,6 @@ class HopHistory:
             self._learn_values(now, new_values)
         if len(new_values) < len(fresh):
             self._probation_step(now, set(compress(fresh, map(not_, known))))
-
-    def _take(self, wanted: int) -> int:
-        """How many of ``wanted`` observations the budget allows now (spent at once)."""
-        allowed = min(wanted, max(self.budget - self._spent, 0))
-        self._spent += allowed
-        self.skipped += wanted - allowed
-        return allowed
 
     def _is_usual(self, pair: bytes) -> bool:
         first = self._pending.get(pair)
@@ -278,8 +303,11 @@ class HopHistory:
 
     def _learn_verified(self, now: float, distinct: set[bytes]) -> None:
         last, verified = self._last, self._verified
-        todo = [p for p in distinct if p not in last or _key_of(p) not in verified]
-        for pair in todo[:self._take(len(todo))]:
+        held = list(last.keys() & distinct)
+        # Not held yet, or held as a UDP value of a key not verified yet.
+        todo = list(distinct.difference(held))
+        todo += compress(held, map(not_, map(verified.__contains__, map(_key_of, held))))
+        for pair in todo:
             key = _key_of(pair)
             self._establish(now, key)
             if key not in verified:  # the trusted tier replaces the UDP values
@@ -296,7 +324,7 @@ class HopHistory:
                                                        map(_key_of, pairs)))))
         pairs = self._unblocked(pairs)
         young, old = self._young, self._old
-        for pair in pairs[:self._take(len(pairs))]:
+        for pair in pairs:
             # A pair may be on probation since before its key was established.
             first = young.pop(pair, None)
             if first is None:
@@ -306,28 +334,37 @@ class HopHistory:
     def _probation_step(self, now: float, pairs: set[bytes]) -> None:
         """Pairs of keys not established: promote those seen again ``learn_after`` after
         they were first seen, move the other ones seen again to the young generation,
-        take the new ones on probation."""
+        take new ones on probation while there is room."""
         young, old = self._young, self._old
         again_old = old.keys() & pairs
         again_young = young.keys() & pairs
-        carry = dict(zip(again_old, map(old.pop, again_old)))
-        carry.update(zip(again_young, map(young.pop, again_young)))
-        new = self._unblocked(list(pairs.difference(carry)))
-        if carry:
+        if again_old or again_young:
+            seen_again = list(again_old) + list(again_young)
+            again = self._unblocked(seen_again)
+            if len(again) < len(seen_again):  # pairs of suspect keys leave the probation
+                for pair in set(seen_again).difference(again):
+                    (young if pair in young else old).pop(pair)
+                again_old = again_old.intersection(again)
             cutoff = now - self.learn_after
-            checked = list(islice(carry, self._take(len(carry))))
-            for pair in checked:
-                first = carry[pair]
+            for pair in again:
+                generation = young if pair in young else old
+                first = generation[pair]
                 if first <= cutoff:
-                    del carry[pair]
+                    del generation[pair]
                     key = _key_of(pair)
                     self._establish(now, key)
                     self._add_value(key, pair, now, first)
-        half = self.probation // 2
-        if len(young) + len(carry) + len(new) > half:
-            self._old, self._young = young, {}
+            still = old.keys() & again_old
+            young.update(zip(still, map(old.pop, still)))
+        new = self._unblocked(list(pairs.difference(again_old, again_young)))
+        if not new:
+            return
+        # Full: the old generation goes, if the young one is at least a generation old
+        # (every pair had that long to be seen again); else the new pairs are turned away.
+        if len(young) + len(old) + len(new) > self.probation and \
+                now - self._young_since >= max(self.learn_after, 1.0):
+            self._old, self._young, self._young_since = young, {}, now
             young = self._young
-        young.update(islice(carry.items(), half))
-        room = half - len(young)
-        if room > 0 and new:
+        room = self.probation - len(young) - len(self._old)
+        if room > 0:
             young.update(dict.fromkeys(islice(new, room), now))

@@ -17,15 +17,16 @@ Counting rules:
 
 * Only packets *to* one of the DNS ports are counted; everything else (responses
   leaving the server, ARP, other ports) is ``ignored``.  Frames a Linux cooked
-  capture marks as sent by this host are ignored too, except the server's TCP
-  SYN-ACKs (see the handshakes below): so are this host's own queries.
+  capture marks as sent by this host (its own queries among them) are ignored
+  too, except the server's TCP SYN-ACKs (see the handshakes below).
 * A packet to a DNS port that is not a well-formed query start is ``F_MALFORMED``
   with qtype -1: payload shorter than the 12-byte header, qdcount 0, a question
   name that runs off the end or is longer than 255 bytes, a reserved label type,
   a compression pointer that does not point strictly before the run of labels it
-  ends (so no loop can form), a question without its type and class.  A *response* (QR=1) arriving at a DNS port is counted for
-  its source as malformed as well: it is not a query, and a response flood aimed
-  at the server's port is an attack too.
+  ends (so no loop can form), a question without its type and class.  A
+  *response* (QR=1) arriving at a DNS port is counted for its source as malformed
+  as well: it is not a query, and a response flood aimed at the server's port is
+  an attack too.
 * The DNS payload ends where the IP datagram ends (the UDP length field is not
   trusted).  A frame cut before the destination port can be read is ignored; one
   cut later is a malformed record for its source.
@@ -42,19 +43,19 @@ Counting rules:
   without ``F_EXTRA`` are exactly the packets, and the qtypes of all records are
   exactly the queries.  Segments of a connection whose SYN was not seen, or after
   out-of-order data (which ends the reassembly of that direction), have qtype -1.
-* TCP handshakes (RFC 9293 3.5): a SYN-ACK from a DNS port is the server's answer to
-  a client's SYN, its sequence number the server's initial one, s.  The first
-  segment of the client that acknowledges s + 1 (ACK set, no SYN or RST) completes
-  the handshake: only a client that received the SYN-ACK knows s, so a forged
-  source cannot.  That segment and every later one of the connection (client to
-  server, sequence number within ``VERIFY_WINDOW`` of the client's stream seen so
-  far) carry ``F_VERIFIED``, until the connection is silent for ``FLOW_TIMEOUT``
-  or a new handshake on the same addresses and ports completes.  A SYN-ACK gives
-  no record and is not ``ignored`` either: it counts in ``frames`` only.  Where a
-  Linux cooked capture marks the direction, only SYN-ACKs sent by this host count;
-  links without it (Ethernet, raw IP) take any SYN-ACK from a DNS port as the
-  server's (a live capture's kernel filter,
-  :func:`floodd.detect.capture.build_filter`, passes only outgoing ones).
+* TCP handshakes (RFC 9293 3.5): a SYN-ACK from a DNS port is the server's answer
+  to a client's SYN, its sequence number the server's initial one, s (random, RFC
+  6528).  A segment of the client that acknowledges s + 1 (ACK set, no SYN or
+  RST) completes the handshake: only a client that received the SYN-ACK knows s,
+  so a forged source cannot.  That segment and every later one of the connection
+  (client to server, sequence number within ``VERIFY_WINDOW`` of the client's
+  stream seen so far) carry ``F_VERIFIED``, until the connection is silent for
+  ``FLOW_TIMEOUT`` or a new handshake on the same addresses and ports completes.
+  A SYN-ACK gives no record and is not ``ignored`` either: it counts in
+  ``frames`` only.  Where a Linux cooked capture marks the direction, only
+  SYN-ACKs sent by this host count; links without it (Ethernet, raw IP) take any
+  SYN-ACK from a DNS port as the server's (a live capture's kernel filter passes
+  only those this host sent: :func:`floodd.detect.capture.sent_by_host`).
   Handshakes awaiting the client (``MAX_HANDSHAKES``) and verified connections
   (``MAX_FLOWS``) are bounded apart: a flood of forged SYNs, each answered by a
   SYN-ACK, pushes out pending handshakes only, never a verified connection.
@@ -624,7 +625,8 @@ class Parser:
         if (conn is not None and tcp_flags & (TCP_ACK | TCP_RST) == TCP_ACK
                 and ack == conn.ack):
             del self._syn_acks[key]
-            verified.pop(key, None)  # an earlier connection on the same ports
+            # Replaces an earlier connection on the same ports (re-inserted last).
+            verified.pop(key, None)
         else:
             conn = verified.get(key)
             if conn is None or (seq - conn.seq + VERIFY_WINDOW) & _SEQ >= 2 * VERIFY_WINDOW:

@@ -13,10 +13,11 @@ slice from the packet and to hash:
   * qtype:          the qtype code (an int), every source's packets together, for
                     the rotating-source guards of qtype rules.
 Evidence (what the trust decision reads, :meth:`Traffic.evidence`): each rule table
-has two more, of the same window, bucket and capacity, fed the same packets:
+has two more, of the same window and bucket and an eighth of its capacity:
   * ``+hop``: keyed by the rule's key followed by the packet's hop value (IPv4 TTL /
     IPv6 hop limit) in one byte (:func:`floodd.detect.hops.hop_keys`), when
-    ``trust.hop_check`` is on;
+    ``trust.hop_check`` is on; only the packets arriving with a value the history
+    holds for their key (see :meth:`Traffic._feed`);
   * ``+tcp``: keyed like the rule's, the packets over handshake-verified TCP
     (``F_VERIFIED``) only.
 and, with ``trust.hop_check``, a :class:`floodd.detect.hops.HopHistory` learns the
@@ -29,11 +30,18 @@ Per batch every per-packet step runs in C (``map``, ``compress``, ``Counter``, a
 rate table's ``add_keys``); Python-level loops touch only the records of the query
 types a rule watches, and the hop histories' budgeted observations.
 
-Cost (bench/bench_parse.py, counting stage: parse + every table of the default rules,
-1,000,000 packets from 50,000 sources, same machine and parser, run back to back):
-before the evidence tables and hop histories 253,000 packets/s per core, with them
-175,000 (hop_check on; 213,000 with it off).  bench/bench_ratetable.py, which times
-the rate table alone, is unchanged (1.19 million keys/s before, 1.18 after).
+Cost.  Each ``+hop`` table is one more rate-table update per packet its rule counts
+(the per-source and per-prefix ones: every packet); ``+tcp`` tables cost nothing
+without TCP; the hop histories look at no more than their budget of packets a second
+(:mod:`floodd.detect.hops`).  Counting stage alone, the default rules, 1,000,000 parsed
+packets from 50,000 sources over 10 s of capture time, before and after fed the same
+records in one process, four runs each: 430,000-550,000 packets/s per core before the
+evidence (tables per source, per /24 and /64, per source + ANY, qtype totals),
+180,000-210,000 after (2.4 times the CPU), 440,000-570,000 after with
+``trust.hop_check: false``.  bench/bench_parse.py (parse + tables, one machine under
+other load): 272,000 packets/s per core before, 151,000 after; bench/bench_ratetable.py
+(the rate table alone, not changed) read 0.76 and 1.16 million keys/s in the same two
+runs.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from operator import add, and_, itemgetter, not_
 from typing import Any
 
 from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Network, Rule
-from floodd.detect.hops import HOP_BYTES, HopHistory
+from floodd.detect.hops import HOP_BYTES, HopEvidence, HopHistory
 from floodd.detect.parse import F_EXTRA, F_MALFORMED, F_VERIFIED, Record
 from floodd.detect.ratetable import RateTable
 
@@ -59,12 +67,14 @@ _QT_BYTES = 3  # bytes used for the qtype suffix of a source+qtype key
 QTYPE_CAPACITY = 70_000
 
 SOURCE, PREFIX, SOURCE_QTYPE, QTYPE = "source", "prefix", "source+qtype", "qtype"
-HOP, TCP = "+hop", "+tcp"  # suffixes of the evidence tables' kinds
+HOP_SUFFIX, TCP_SUFFIX = "+hop", "+tcp"  # the kinds of a rule table's evidence tables
+EVIDENCE_SHARE = 8  # an evidence table holds 1/8 of its rule table's capacity
 
 _src = itemgetter(1)
 _qtype = itemgetter(3)
 _flags = itemgetter(4)
 _hop = itemgetter(5)
+_source_part = itemgetter(slice(None, -3))  # the source of a source + qtype key (_QT_BYTES)
 
 
 def prefix_key(src: bytes, v4: int, v6: int) -> bytes:
@@ -152,22 +162,12 @@ def packet_sources(records: Sequence[Record]) -> list[bytes]:
 class TableSpec:
     """What one rate table counts: its definition, compared across reloads."""
 
-    kind: str  # SOURCE, PREFIX, SOURCE_QTYPE or QTYPE; a rule's evidence: + HOP or + TCP
+    kind: str  # SOURCE, PREFIX, SOURCE_QTYPE or QTYPE; + HOP_SUFFIX or TCP_SUFFIX: evidence
     window: float
     bucket: float
     capacity: int
     prefix_v4: int = 0  # PREFIX only
     prefix_v6: int = 0
-
-
-@dataclass(frozen=True)
-class HopEvidence:
-    """What a rule's trigger on one key says about the packets' source being real."""
-
-    usual: tuple[int, ...]  # the key's usual hop values, sorted (none: no history)
-    verified: bool  # whether they were seen over handshake-verified TCP
-    at_usual: int  # the rule's matching packets in its window at one of those values
-    tcp: int  # the rule's matching packets in its window over verified TCP
 
 
 def table_spec(rule: Rule, config: Config) -> TableSpec:
@@ -182,12 +182,20 @@ def table_spec(rule: Rule, config: Config) -> TableSpec:
 
 def hop_spec(spec: TableSpec) -> TableSpec:
     """The table of a rule table's packets per key and hop value."""
-    return replace(spec, kind=spec.kind + HOP)
+    return replace(spec, kind=spec.kind + HOP_SUFFIX, capacity=_evidence_capacity(spec))
 
 
 def tcp_spec(spec: TableSpec) -> TableSpec:
     """The table of a rule table's packets over verified TCP."""
-    return replace(spec, kind=spec.kind + TCP)
+    return replace(spec, kind=spec.kind + TCP_SUFFIX, capacity=_evidence_capacity(spec))
+
+
+def _evidence_capacity(spec: TableSpec) -> int:
+    """Evidence tables hold a share of their rule table's keys: lossy counting keeps every
+    key with more than 2/capacity of the table's packets (a flood, and a real client
+    beside it), and a count lost to pruning can only narrow a ban (fewer packets at the
+    usual values) or keep TCP open (fewer verified packets)."""
+    return max(spec.capacity // EVIDENCE_SHARE, 100)
 
 
 def status_spec(config: Config) -> TableSpec:
@@ -218,7 +226,7 @@ class _Fed:
 
     def add(self, spec: TableSpec, table: RateTable[bytes]) -> None:
         kind = spec.kind
-        (self.hops if kind.endswith(HOP) else self.tcp if kind.endswith(TCP)
+        (self.hops if kind.endswith(HOP_SUFFIX) else self.tcp if kind.endswith(TCP_SUFFIX)
          else self.counts).append(table)
 
 
@@ -252,7 +260,7 @@ class Traffic:
                 watched.setdefault(spec, set()).add(qt)
                 if rule.total_threshold is not None:
                     specs[self._total_spec(rule)] = None
-        rule_specs = {table_spec(rule, config) for rule in config.rules}
+        rule_specs = dict.fromkeys(table_spec(rule, config) for rule in config.rules)
         for spec in rule_specs:
             specs[tcp_spec(spec)] = None
             if trust.hop_check:
@@ -264,7 +272,7 @@ class Traffic:
 
         old_histories = self.histories
         self.histories = {}
-        for key in {_history_key(spec) for spec in rule_specs} if trust.hop_check else ():
+        for key in dict.fromkeys(map(_history_key, rule_specs)) if trust.hop_check else ():
             history = old_histories.get(key)
             if history is None or history.capacity != trust.hop_capacity:
                 history = HopHistory(trust.hop_capacity, trust.hop_learn_after)
@@ -347,25 +355,44 @@ class Traffic:
             vkeys = list(compress(keys, map(and_, map(_flags, chosen), repeat(F_VERIFIED)))) \
                 if flagged else []
             self._feed(now, fed, keys, vkeys, _hop_bytes(chosen) if hop_check else [], [],
-                       None)
+                       None, self._source_history)
 
     @staticmethod
     def _feed(now: float, fed: _Fed, keys: list[bytes], vkeys: list[bytes], hops: list[bytes],
-              vhops: list[bytes], history: HopHistory | None) -> None:
+              vhops: list[bytes], history: HopHistory | None,
+              values_of: HopHistory | None = None) -> None:
         """Count ``keys`` (of the packets whose hop bytes are ``hops``, when hops are
         checked), ``vkeys`` those over verified TCP (hop bytes ``vhops``, for the
-        history), and let ``history`` learn from them."""
+        history), and let ``history`` learn from them.
+
+        The ``+hop`` tables count only the packets arriving with a value ``values_of``
+        (default: ``history``; for source + qtype keys, the per-source history) holds
+        for their source: evidence is read at the usual values only, which are held
+        values, so a forged flood, or one of unknown sources, costs one C pass here and
+        no table entries.  A value is counted from when it is held: a value held since
+        less than the window counts fewer packets, which can only narrow a ban."""
         for table in fed.counts:
             table.add_keys(now, keys)
         if vkeys:
             for table in fed.tcp:
                 table.add_keys(now, vkeys)
-        if fed.hops or history is not None:
-            pairs = list(map(add, keys, hops))
+        if not (fed.hops or history is not None):
+            return
+        pairs = list(map(add, keys, hops))
+        if history is not None:
+            history.observe(now, pairs, list(map(add, vkeys, vhops)))
+        source_values = values_of or history
+        if not fed.hops or source_values is None:
+            return
+        held = source_values.held_pairs()
+        if values_of is None:
+            wanted = map(held.__contains__, pairs)
+        else:  # source + qtype keys: the source, then the hop byte
+            wanted = map(held.__contains__, map(add, map(_source_part, keys), hops))
+        counted = list(compress(pairs, wanted))
+        if counted:
             for table in fed.hops:
-                table.add_keys(now, pairs)
-            if history is not None:
-                history.observe(now, pairs, list(map(add, vkeys, vhops)))
+                table.add_keys(now, counted)
 
     def forget(self, src: bytes) -> None:
         """Drop the counts of source ``src`` from every table keyed by it (per source and

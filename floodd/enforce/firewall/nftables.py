@@ -10,11 +10,12 @@ sets and chain with ``6`` for ``4``, ``ip6 saddr`` and ``ip6 hoplimit``::
         # UDP only
         set udp4 { type ipv4_addr; flags timeout; counter; }
         set udp4net { type ipv4_addr; flags interval, timeout; counter; }
-        # UDP at the hop values (TTL) not spared: { 203.0.113.10 . 0-63, 203.0.113.10 . 65-255 }
+        # UDP at the hop values (TTL) not spared, one element per dropped range:
+        # { 203.0.113.10 . 0-63, 203.0.113.10 . 65-255 } spares TTL 64
         set hop4 { typeof ip saddr . ip ttl; flags interval, timeout; counter; }
-        # UDP queries of one type: { 203.0.113.10 . 0-255 . 0x0000ff } (root label, ANY)
-        set qtype4 { typeof ip saddr . ip ttl . @th,160,24; flags interval, timeout; counter; }
-        # sources with a qtype ban (they only lead to chain qtype4; nothing is dropped there)
+        # UDP queries of one type: { 203.0.113.10 . 0-255 . 0x0000ff0001 } (root, ANY, IN)
+        set qtype4 { typeof ip saddr . ip ttl . @th,160,40; flags interval, timeout; counter; }
+        # networks with a qtype ban: a packet from one goes through chain qtype4
         set qgate4 { type ipv4_addr; flags timeout; }
         set qgate4net { type ipv4_addr; flags interval, timeout; }
         chain input {
@@ -29,9 +30,9 @@ sets and chain with ``6`` for ``4``, ``ip6 saddr`` and ``ip6 hoplimit``::
             ... qgate6, qgate4net, qgate6net
         }
         chain qtype4 {   # one rule per question-name wire length L = 1..255
-            ip saddr . ip ttl . @th,160,24 @qtype4 drop        # L = 1: the root name
-            ip saddr . ip ttl . @th,168,24 @qtype4 drop        # L = 2
-            ... @th,8*(19+L),24 up to L = 255
+            ip saddr . ip ttl . @th,160,40 @qtype4 drop        # L = 1: the root name
+            ip saddr . ip ttl . @th,168,40 @qtype4 drop        # L = 2
+            ... @th,8*(19+L),40 up to L = 255
         }
     }
 
@@ -42,23 +43,31 @@ kernel alone ends a ban even if floodd is gone), its own counter of dropped pack
 comment holding the rule, times and scope, so the kernel is the only record of a ban:
 ``floodd since=1700000000 expires=1700000600 scope=udp,except=64 rule=query-flood``.
 
-A qtype match reads the question at a fixed offset: it starts 20 bytes into the UDP
-header (8 bytes of UDP, 12 of DNS header), so for a name of wire length L byte 19+L is its
-root label (0) and the two bytes after it the qtype; the 24 bits there are the element's
-last field.  Which rule of the chain matches tells nothing: an element matches at any of
-them.  The gate keeps the 255 lookups off every other source's queries; a gate element's
-timeout is the longest qtype ban of its network (plus a minute), and ``add element``
-refreshes it.  Gates are never deleted (they drop nothing; an unneeded one costs only
-CPU until it times out), except a prefix gate inside a new wider one, which the interval
-set would refuse beside it.
+A qtype match reads the question at a fixed offset: it starts 20 bytes into the UDP header
+(8 bytes of UDP, 12 of DNS header), so for a name of wire length L byte 19+L is its root
+label (0), the two bytes after it the qtype and the next two the class; these 40 bits
+(root, qtype, class IN) are the element's last field.  Every rule of the chain looks the
+same elements up, each at its own length's offset, so one element drops that qtype for
+names of any length.  The class is part of the match because three bytes alone also
+match past the question: an EDNS OPT record with N < 256 bytes of options reads
+``00 00 N`` (the end of its TTL, its length), and a DNS cookie makes N 12 (PTR) or 28
+(AAAA), so a PTR or AAAA ban would drop cookie-carrying queries of every type (measured
+with dig); the two bytes after that length are option data, never ``00 01`` for a cookie
+option (its code is 10).  Queries of a class other than IN pass a qtype ban.  The gate keeps the
+255 lookups off every other source's queries; a gate element's timeout is the longest
+qtype ban of its network (plus a minute), and ``add element`` refreshes it.  Gates are
+never deleted (they drop nothing; an unneeded one costs only CPU until it times out),
+except a prefix gate inside a new wider one, which the interval set would refuse beside
+it.
 
 Sets and their costs (nft 1.0.6): addresses and prefixes live in separate sets because
 interval sets delete elements in quadratic time (removing 9,000 of 10,000 took 13.5 s,
 against 0.03 s from a plain set; 9,000 from a concatenated set such as hop4, 1.85 s), so
 the common bans, whole sources and UDP only of single addresses, are hash sets; hop and
-qtype bans, of an address or a prefix, are concatenated interval sets.  The address rules
-come first, so an address banned inside a banned prefix keeps counting its own packets and
-keeps its own expiry.
+qtype bans, of an address or a prefix, are concatenated interval sets (unbanning 1,000
+hop bans, 2,000 elements, took 0.34 s).  The address rules come first, so an address
+banned inside a banned prefix keeps counting its own packets and keeps its own expiry; a
+packet several bans match counts in the first in rule order.
 
 An interval set refuses overlapping elements, so :func:`plan_commit` resolves overlaps
 before anything reaches nft, among the bans of one set (and, in qtype4, of one qtype;
@@ -124,6 +133,8 @@ RULE_COMMENT = "floodd: drop banned sources"
 GATE_COMMENT = "floodd: banned query types"
 UNKNOWN_RULE = "(unknown)"
 QUESTION_OFFSET = 20  # bytes from the UDP header to a query's question
+QTYPE_BITS = 40  # what a qtype element's last field holds: root label (0), qtype, class IN
+CLASS_IN = 1
 MAX_NAME = 255  # longest question name in wire form (RFC 1035 2.3.4)
 GATE_MARGIN = 60.0  # seconds a gate outlives the qtype bans it leads to
 ALL_HOPS = (0, 255)
@@ -150,7 +161,7 @@ WANTED_RULES = _wanted_rules()
 
 
 @dataclass(frozen=True)
-class KernelBan:
+class SetBan:
     """One ban as the kernel holds it: the set it is in and its elements' keys, spelled
     as nft takes them (what deleting it deletes)."""
 
@@ -168,7 +179,7 @@ class TableState:
     # What floodd's rules there do: "input: drop @ban4", "input: @qgate4 jump qtype4",
     # "qtype4: drop @qtype4 at 160" (the bit offset of the root label it reads).
     rules: frozenset[str]
-    kernel_bans: tuple[KernelBan, ...]
+    kernel_bans: tuple[SetBan, ...]
     # gate element -> unix time its timeout ends (whole seconds, rounded down)
     gates: Mapping[Network, float] = field(default_factory=dict)
 
@@ -208,8 +219,8 @@ def _span(low: int, high: int) -> str:
 
 
 def _qtype_field(qtype: int) -> str:
-    """The 24 bits at the root label: 0, then the qtype."""
-    return f"0x{qtype:06x}"
+    """The bits at the root label: 0, then the qtype, then class IN."""
+    return f"0x{qtype << 16 | CLASS_IN:0{QTYPE_BITS // 4}x}"
 
 
 def element_keys(target: Target) -> tuple[str, ...]:
@@ -241,7 +252,8 @@ def parse_table(data: Mapping[str, Any], table: str, now: float) -> TableState:
     Elements are ``{"elem": {"val": KEY, "timeout": s, "expires": s, "comment": str,
     "counter": {"packets", "bytes"}}}``; KEY is an address, ``{"prefix": {"addr", "len"}}``
     or, in hop and qtype sets, ``{"concat": [ADDR-OR-PREFIX, HOP, QTYPE]}`` with HOP a
-    number or ``{"range": [lo, hi]}`` and QTYPE the 24-bit number (qtype sets only).
+    number or ``{"range": [lo, hi]}`` and QTYPE the number of :data:`QTYPE_BITS` bits
+    (qtype sets only).
     ``timeout`` and ``expires`` are whole seconds (``expires``, the time left, is the
     ``remaining`` of the ban).  A ban's scope comes from its set and keys; an element
     without floodd's comment (added by hand), or whose comment names another scope, is
@@ -251,7 +263,7 @@ def parse_table(data: Mapping[str, Any], table: str, now: float) -> TableState:
     """
     sets: set[str] = set()
     rules: set[str] = set()
-    bans: list[KernelBan] = []
+    bans: list[SetBan] = []
     gates: dict[Network, float] = {}
     exists = False
     for obj in data.get("nftables", ()):
@@ -285,9 +297,10 @@ def _rule_does(chain: str, exprs: Sequence[Any]) -> str | None:
         right = match.get("right")
         if isinstance(right, str) and right.startswith("@"):
             looked_up = right
-            fields = match.get("left", {}).get("concat", ())
+            left = match.get("left")
+            fields = left.get("concat", ()) if isinstance(left, dict) else ()
             raw = [f["payload"] for f in fields if "base" in f.get("payload", {})]
-            if raw and raw[0].get("base") == "th" and raw[0].get("len") == 24:
+            if raw and raw[0].get("base") == "th" and raw[0].get("len") == QTYPE_BITS:
                 offset = raw[0].get("offset")
         if "drop" in e:
             verdict = "drop"
@@ -322,24 +335,25 @@ def _range(val: Any) -> tuple[int, int] | None:
 _Grouped = dict[tuple[Network, int | None], list[tuple[dict[str, Any], tuple[int, int], str]]]
 
 
-def _parse_set(name: str, items: list[dict[str, Any]], now: float) -> list[KernelBan]:
+def _parse_set(name: str, items: list[dict[str, Any]], now: float) -> list[SetBan]:
     """The bans of one of floodd's drop sets: one per element, or per network (and qtype)
     in hop and qtype sets, whose elements are merged."""
     kind = BAN_SETS[name][0]
+    want = {"hop": 2, "qtype": 3}.get(kind, 1)  # fields of a key
     groups: _Grouped = {}
     for elem in items:
         val = elem.get("val")
         parts = val["concat"] if isinstance(val, dict) and "concat" in val else [val]
-        want = {"hop": 2, "qtype": 3}.get(kind, 1)
         if len(parts) != want:
             continue
         network = _network(parts[0])
         hops = _range(parts[1]) if want > 1 else ALL_HOPS
         qfield = _range(parts[2]) if want > 2 else None
         if network is None or hops is None or (want > 2 and (
-                qfield is None or qfield[0] != qfield[1] or qfield[0] > 0xFFFF)):
+                qfield is None or qfield[0] != qfield[1] or qfield[0] >> 32
+                or qfield[0] & 0xFFFF != CLASS_IN)):
             continue  # not a key floodd writes
-        qtype = qfield[0] if qfield is not None else None
+        qtype = qfield[0] >> 16 if qfield is not None else None
         key = element(network)
         if want > 1:
             key += f" . {_span(*hops)}"
@@ -348,21 +362,32 @@ def _parse_set(name: str, items: list[dict[str, Any]], now: float) -> list[Kerne
         groups.setdefault((network, qtype), []).append((elem, hops, key))
     bans = []
     for (network, qtype), found in groups.items():
-        spared = set(range(256))
-        for _, (low, high), _ in found:
-            spared -= set(range(low, high + 1))
         if kind == "ban":
             scope = WHOLE
         elif kind == "udp":
             scope = UDP_ONLY
-        elif len(spared) > MAX_EXCEPT_HOPS:
-            continue
         else:
-            scope = Scope(True, qtype, tuple(sorted(spared)))
+            spared = _spared([span for _, span, _ in found])
+            if spared is None:
+                continue
+            scope = Scope(True, qtype, spared)
         elems = [e for e, _, _ in found]
-        bans.append(KernelBan(_installed(network, scope, elems, now), name,
-                              tuple(k for _, _, k in found)))
+        bans.append(SetBan(_installed(network, scope, elems, now), name,
+                           tuple(k for _, _, k in found)))
     return bans
+
+
+def _spared(dropped: list[tuple[int, int]]) -> tuple[int, ...] | None:
+    """The hop values no range of ``dropped`` covers; None when more than a ban spares."""
+    spared: list[int] = []
+    start = 0
+    for low, high in sorted(dropped):
+        spared.extend(range(start, low))
+        start = max(start, high + 1)
+        if len(spared) > MAX_EXCEPT_HOPS:
+            return None
+    spared.extend(range(start, 256))
+    return tuple(spared) if len(spared) <= MAX_EXCEPT_HOPS else None
 
 
 def _installed(network: Network, scope: Scope, elems: list[dict[str, Any]],
@@ -391,7 +416,7 @@ class Transaction:
     """One transaction: bans and gates to delete, then to add (bans with carried
     counters; gates with the unix time their timeout ends)."""
 
-    delete: tuple[KernelBan, ...]
+    delete: tuple[SetBan, ...]
     add: tuple[tuple[Ban, int, int], ...]  # ban, packets, bytes to start its counter at
     gate_delete: tuple[Network, ...] = ()
     gate_add: tuple[tuple[Network, float], ...] = ()
@@ -410,7 +435,7 @@ class _Slot:
 
     target: Target
     expires: float
-    kernel: KernelBan | None = None
+    kernel: SetBan | None = None
     ban: Ban | None = None
     packets: int = 0
     bytes: int = 0
@@ -420,11 +445,11 @@ class _Plan:
     """The bans of the kernel as the transaction changes them, indexed for overlaps:
     by overlap group (a set; in qtype sets, a set and qtype) and network."""
 
-    def __init__(self, installed: Iterable[KernelBan]) -> None:
+    def __init__(self, installed: Iterable[SetBan]) -> None:
         self.groups: dict[tuple[str, int | None], dict[Network, _Slot]] = {}
         self.lengths: dict[tuple[str, int | None], set[int]] = {}  # prefix lengths there
         self.by_target: dict[Target, list[_Slot]] = {}
-        self.delete: list[KernelBan] = []
+        self.delete: list[SetBan] = []
         self.adds: dict[Target, _Slot] = {}
         for kb in installed:
             ib = kb.ban
@@ -508,7 +533,7 @@ class _Plan:
         return deletes, adds
 
 
-def plan_commit(pending: Mapping[Target, Ban | None], installed: Iterable[KernelBan],
+def plan_commit(pending: Mapping[Target, Ban | None], installed: Iterable[SetBan],
                 gates: Mapping[Network, float] | None = None) -> Transaction:
     """Turn buffered changes (``None``: unban) into a transaction the sets accept, against
     the bans and gate elements (-> the unix time each ends) in the kernel."""
@@ -529,7 +554,10 @@ def plan_commit(pending: Mapping[Target, Ban | None], installed: Iterable[Kernel
 
 
 def _timeout(ends: float, now: float) -> str:
-    return f"timeout {max(1000, round((ends - now) * 1000))}ms"
+    """The timeout of an element that ends at unix time ``ends`` (none: never)."""
+    if math.isinf(ends):
+        return ""  # a gate of a ban without a timeout (added by hand)
+    return f" timeout {max(1000, round((ends - now) * 1000))}ms"
 
 
 def render_commit(plan: Transaction, table: str, now: float) -> str:
@@ -546,10 +574,10 @@ def render_commit(plan: Transaction, table: str, now: float) -> str:
             # the carried counter goes to the first element: listing sums them
             counter = f" counter packets {packets} bytes {bytes_}" \
                 if i == 0 and (packets or bytes_) else ""
-            new.setdefault(set_of(ban.target), []).append(f"{key}{counter} {comment}")
+            new.setdefault(set_of(ban.target), []).append(f"{key}{counter}{comment}")
     for net, ends in plan.gate_add:
         name = f"qgate{net.version}net" if _is_prefix(net) else f"qgate{net.version}"
-        new.setdefault(name, []).append(f"{element(net)} {_timeout(ends, now)}")
+        new.setdefault(name, []).append(f"{element(net)}{_timeout(ends, now)}")
     lines = [f"delete element inet {table} {name} {{ {', '.join(elems)} }}"
              for name, elems in gone.items()]
     lines += [f"add element inet {table} {name} {{ {', '.join(elems)} }}"
@@ -607,7 +635,7 @@ class NftablesBackend(Buffered):
                 f"add set inet {t} hop{version} "
                 f"{{ typeof {ip} saddr . {hop}; flags interval, timeout; counter; }}",
                 f"add set inet {t} qtype{version} {{ typeof {ip} saddr . {hop} . "
-                f"@th,{name_offset(1)},24; flags interval, timeout; counter; }}",
+                f"@th,{name_offset(1)},{QTYPE_BITS}; flags interval, timeout; counter; }}",
                 f"add set inet {t} qgate{version} {{ type {addr}; flags timeout; }}",
                 f"add set inet {t} qgate{version}net "
                 f"{{ type {addr}; flags interval, timeout; }}",
@@ -623,7 +651,7 @@ class NftablesBackend(Buffered):
             version = BAN_SETS[chain][1]
             lines.append(f"flush chain inet {t} {chain}")
             lines += [f"add rule inet {t} {chain} {_IP[version]} saddr . {_HOP[version]} . "
-                      f"@th,{name_offset(length)},24 @{chain} drop"
+                      f"@th,{name_offset(length)},{QTYPE_BITS} @{chain} drop"
                       for length in range(1, MAX_NAME + 1)]
         for name in DROP_SETS:
             kind, version = BAN_SETS[name]
