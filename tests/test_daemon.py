@@ -313,7 +313,7 @@ def test_restart_after_kill_9_adopts_bans_without_unbanning(dns_lab: Any, floodd
     assert "unban" not in log and bans_logged(log) == []
     shown = floodd_cli(dns_lab, cfg, "bans")
     assert shown.returncode == 0
-    assert re.search(rf"^{re.escape(FLOODER)}\s+query-flood\s", shown.stdout, re.M)
+    assert re.search(rf"^{re.escape(FLOODER)}\s+UDP only\s+query-flood\s", shown.stdout, re.M)
     assert second.stop() == 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -308,6 +309,10 @@ def _forged_flood_at_another_hop_value(lab: Lab, wire: load.Wire, floodd: Start,
         assert all(e.udp_only and e.except_hops == (forge.REAL_HOPS,) for e in forged), forged
     assert scopes and all(s["protocols"] == "udp" and s["except_hops"] == [forge.REAL_HOPS]
                           for s in scopes), scopes
+    # The journal says why the ban spares the real client, with the evidence.
+    assert re.search(rf"notice: narrow the ban of \S+ to traffic with other TTL/hop limits, "
+                     rf"as it looks forged: usual TTL/hop limit {forge.REAL_HOPS} \(learned\); "
+                     r"\d+ of \d+ packets came with other values", run.log()), run.log()[-3000:]
 
 
 # 3 ----------------------------------------------------------------------------------

@@ -360,9 +360,9 @@ class Daemon:
             self.log.error(f"could not ban {len(decided.bans)} sources: {exc}", action="error")
             return
         added = {ban.target for ban in done.added}
-        with self.lock:
-            for net, scope in added:
-                if net.prefixlen == net.max_prefixlen and scope.whole_source:
+        with self.lock:  # the evidence is used up: a ban that ends is not made again on it
+            for net, _ in added:
+                if net.prefixlen == net.max_prefixlen:
                     self.traffic.forget(net.network_address.packed)
         escalated = False
         for trig, seconds in decided.bans:
