@@ -38,13 +38,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
-def _missing_for_lab() -> str | None:
+LAB_TOOLS = ("ip", "named", "dig")
+# What the load scenarios need besides: the firewall and the load generators.
+LOAD_TOOLS = (*LAB_TOOLS, "nft", "dnsperf", "tcpreplay", "stdbuf")
+
+
+def lab_problem(tools: tuple[str, ...] = LAB_TOOLS) -> str | None:
+    """Why a lab with ``tools`` cannot run here, or None."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, firewall)"
-    for tool in ("ip", "named", "dig"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    return None
+    missing = [t for t in tools if shutil.which(t) is None]
+    return f"needs {', '.join(missing)}" if missing else None
 
 
 def backend_problem(name: str) -> str | None:
@@ -75,7 +79,7 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def lab() -> Iterator[Any]:
     """Server and client namespaces (lab.netns.Lab), removed even on failure."""
-    problem = _missing_for_lab()
+    problem = lab_problem()
     if problem:
         pytest.skip(problem)
     from lab.netns import Lab

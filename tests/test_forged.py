@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import shutil
 import time
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from conftest import backend_problem
+from conftest import LOAD_TOOLS, backend_problem, lab_problem
 from daemon_helpers import Floodd, floodd_cli, wait_until
 from floodd.qtypes import qtype_code
 from lab import forge, load
@@ -45,19 +44,9 @@ BAN_WITHIN = 3.0  # seconds from a flood's start to its ban in the kernel (as te
 FAST_WINDOW = 3.0
 LEARN = FAST_WINDOW + 1.5  # the real client's traffic before a forgery: its TTL is usual
 A, ANY = qtype_code("A"), qtype_code("ANY")
-TOOLS = ("ip", "named", "dig", "nft", "dnsperf", "tcpreplay", "stdbuf")
-
-
-def _problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, firewall)"
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    return f"needs {', '.join(missing)}" if missing else None
-
-
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    problem = _problem()
+    problem = lab_problem(LOAD_TOOLS)
     if problem:
         pytest.skip(problem)
     with Lab("fg") as the_lab:
@@ -312,7 +301,8 @@ def _forged_flood_at_another_hop_value(lab: Lab, wire: load.Wire, floodd: Start,
     # The journal says why the ban spares the real client, with the evidence.
     assert re.search(rf"notice: narrow the ban of \S+ to traffic with other TTL/hop limits, "
                      rf"as it looks forged: usual TTL/hop limit {forge.REAL_HOPS} \(learned\); "
-                     r"\d+ of \d+ packets came with other values", run.log()), run.log()[-3000:]
+                     r"\d+ of \d+ packets came with other values", run.floodd.log()), \
+        run.floodd.log()[-3000:]
 
 
 # 3 ----------------------------------------------------------------------------------

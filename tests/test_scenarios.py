@@ -10,14 +10,13 @@ bans of 4 s) so the file runs in about a minute and a half.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from conftest import LOAD_TOOLS, lab_problem
 from lab import load
 from lab.netns import Lab
 
@@ -45,19 +44,9 @@ RULES = [
 FIREWALL = {"rescan_interval": RESCAN, "stale_after": STALE_AFTER}
 DAEMON = {"tick": TICK}
 
-TOOLS = ("ip", "named", "dig", "nft", "dnsperf", "tcpreplay", "stdbuf")
-
-
-def _problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, firewall)"
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    return f"needs {', '.join(missing)}" if missing else None
-
-
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    problem = _problem()
+    problem = lab_problem(LOAD_TOOLS)
     if problem:
         pytest.skip(problem)
     with Lab("sc") as the_lab:
