@@ -589,11 +589,20 @@ def summary(config: Config) -> list[str]:
         per = "source" if r.aggregate == "source" else f"/{r.prefix_v4} (v4), /{r.prefix_v6} (v6)"
         guard = (f", while all sources together send more than {r.total_threshold}"
                  if r.total_threshold else "")
-        lines.append(f"  {r.name}: {r.action} a {per} sending more than {r.threshold} "
-                     f"{'queries' if r.match == MATCH_ALL else r.match + ' packets' if r.match == MATCH_MALFORMED else r.match + ' queries'}"
-                     f" in {r.window:g} s{guard}; ban {r.ban_time:g} s")
+        what = ("queries" if r.match == MATCH_ALL else r.match + " packets"
+                if r.match == MATCH_MALFORMED else r.match + " queries")
+        drops = (f"; drop its {r.match} queries over UDP" if r.qtype is not None else "") \
+            if r.action == "ban" else ""
+        lines.append(f"  {r.name}: {r.action} a {per} sending more than {r.threshold} {what}"
+                     f" in {r.window:g} s{guard}{drops}; ban {r.ban_time:g} s")
     f = c.firewall
+    t = c.trust
     lines += [
+        "trust: " + (f"learn usual TTL/hop limits (after {t.hop_learn_after:g} s, "
+                     f"{t.hop_capacity} keys), spare them when a flood comes with others"
+                     if t.hop_check else "no TTL/hop-limit check")
+        + f"; bans on UDP evidence drop {'UDP only' if t.udp_evidence_bans == 'udp' else 'all'}"
+        f"; whole-source rules need {t.min_whole_evidence}+ packets",
         f"firewall: backend {f.backend}{' (dry run)' if f.dry_run else ''}, scope {f.scope}, max {f.max_bans} bans, "
         f"rescan every {f.rescan_interval:g} s, stale after {f.stale_after:g} s, "
         f"escalation x{f.escalation_factor:g} up to {f.max_ban_time:g} s, on exit {f.on_exit}",
