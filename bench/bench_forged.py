@@ -153,7 +153,7 @@ def run_scenario(lab: Lab, wire: load.Wire, work: Path, scenario: Scenario,
     result.mitigation = None if at is None else at - started
     result.cut_off_udp = any(e.drops(scenario.real, hop=forge.REAL_HOPS, qtype=A)
                              for e in load.kernel_elements(lab))
-    result.tcp_answered = forge.answered(lab, f"www.{lab.zone}", scenario.real, tcp=True)
+    result.tcp_answered = lab.dig(f"www.{lab.zone}", scenario.real, tcp=True)
     return result
 
 

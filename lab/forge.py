@@ -92,19 +92,6 @@ class Forger:
         return self.replay.wait()
 
 
-def answered(lab: Lab, name: str, source: str, *, qtype: str = "A", tcp: bool = False,
-             timeout: float = 1.0) -> bool:
-    """Whether the server answers ``dig`` asking from ``source`` (a client address), over
-    UDP or, with ``tcp``, over TCP (a handshake: no forger can do that).  The transport
-    is always named: dig 9.18 asks ANY queries over TCP unless told ``+notcp``."""
-    server = Lab.server_v6 if ":" in source else Lab.server_v4
-    proc = lab.run(lab.client_ns,
-                   ["dig", "+tries=1", f"+timeout={max(1, round(timeout))}", "+short",
-                    "+tcp" if tcp else "+notcp", f"@{server}", "-b", source, name, qtype],
-                   check=False, timeout=timeout + 10)
-    return proc.returncode == 0
-
-
 # --- floodd configured as shipped ------------------------------------------------------
 def fast_rules(rules: Sequence[dict[str, Any]], window: float) -> list[dict[str, Any]]:
     """The rules with every window cut to at most ``window`` seconds: rates kept (the

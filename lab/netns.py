@@ -180,13 +180,17 @@ class Lab:
         return self._named.pid if self._named else None
 
     def dig(self, name: str, source: str, server: str | None = None, qtype: str = "A",
-            timeout: float = 1.0) -> bool:
-        """Ask the server from ``source`` in the client namespace; True when answered."""
+            timeout: float = 1.0, tcp: bool | None = None) -> bool:
+        """Ask the server from ``source`` in the client namespace; True when answered.
+
+        ``tcp`` names the transport (True: TCP, a handshake no forger can make; False:
+        UDP); None leaves it to dig, which asks ANY queries over TCP (9.18)."""
         if server is None:
             server = SERVER_V6 if ":" in source else SERVER_V4
+        transport = [] if tcp is None else ["+tcp" if tcp else "+notcp"]
         proc = self.run(self.client_ns,
                         ["dig", "+tries=1", f"+timeout={max(1, round(timeout))}", "+short",
-                         f"@{server}", "-b", source, name, qtype],
+                         *transport, f"@{server}", "-b", source, name, qtype],
                         check=False, timeout=timeout + 10)
         return proc.returncode == 0
 
