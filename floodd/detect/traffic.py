@@ -50,7 +50,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from itertools import compress, repeat
 from operator import add, and_, itemgetter, not_
-from typing import Any
+from typing import Any, NamedTuple
 
 from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Network, Rule
 from floodd.detect.hops import HOP_BYTES, HopEvidence, HopHistory
@@ -212,6 +212,16 @@ def _history_key(spec: TableSpec) -> tuple[str, int, int]:
     return SOURCE, 0, 0
 
 
+class _RuleEvidence(NamedTuple):
+    """The evidence tables and hop history of one rule."""
+
+    qtype: int | None  # the rule's qtype (its table keys carry it), or None
+    tcp: RateTable[bytes]  # its packets over verified TCP
+    hops: RateTable[bytes] | None  # its packets per key and hop value (hop_check)
+    history: HopHistory | None  # where its keys' hop values are learned (hop_check)
+    prefix: bool  # a prefix rule
+
+
 @dataclass
 class _Fed:
     """The tables fed with one kind of key: the counts, and the evidence tables of those
@@ -276,6 +286,15 @@ class Traffic:
             history.learn_after = trust.hop_learn_after
             self.histories[key] = history
         self._source_history = self.histories.get((SOURCE, 0, 0))
+        # What evidence() and suspect() read for each rule, looked up once per reload
+        # rather than once per trigger.
+        self._evidence: dict[Rule, _RuleEvidence] = {}
+        for rule in config.rules:
+            spec = table_spec(rule, config)
+            self._evidence[rule] = _RuleEvidence(
+                rule_qtype(rule), self.tables[tcp_spec(spec)],
+                self.tables.get(hop_spec(spec)), self.histories.get(_history_key(spec)),
+                spec.kind == PREFIX)
 
         tables = self.tables.items()
         self._source = _Fed()
@@ -424,28 +443,24 @@ class Traffic:
     def evidence(self, now: float, rule: Rule, key: bytes) -> HopEvidence:
         """What ``rule``'s packets from ``key`` (a packed source address, or for a prefix
         rule the packed prefix address) in its window say about their source."""
-        spec = table_spec(rule, self._config)
-        qt = rule_qtype(rule)
-        table_key = key if qt is None else qtype_key(key, qt)
-        tcp = self.tables[tcp_spec(spec)].count(now, table_key)
-        history = self.histories.get(_history_key(spec))
-        if history is None:
+        ev = self._evidence[rule]
+        table_key = key if ev.qtype is None else qtype_key(key, ev.qtype)
+        tcp = ev.tcp.count(now, table_key)
+        if ev.history is None or ev.hops is None:
             return HopEvidence((), False, 0, tcp)
-        usual = history.usual(key)
-        hops = self.tables[hop_spec(spec)]
-        at_usual = sum(hops.count(now, table_key + HOP_BYTES[h]) for h in usual)
-        return HopEvidence(usual, history.verified(key), at_usual, tcp)
+        usual = ev.history.usual(key)
+        at_usual = sum(ev.hops.count(now, table_key + HOP_BYTES[h]) for h in usual)
+        return HopEvidence(usual, ev.history.verified(key), at_usual, tcp)
 
     def suspect(self, now: float, rule: Rule, key: bytes) -> None:
         """``rule`` fired on ``key`` (as for :meth:`evidence`): its flood must not teach
         its hop values.  Marks the key flooding in the rule's hop history, and a source
         in every prefix history too (its packets taught those as well)."""
-        spec = table_spec(rule, self._config)
-        history = self.histories.get(_history_key(spec))
-        if history is None:
+        ev = self._evidence[rule]
+        if ev.history is None:
             return
-        history.suspect(key, now)
-        if spec.kind != PREFIX:
+        ev.history.suspect(key, now)
+        if not ev.prefix:
             for (v4, v6), _, prefix_history in self._prefixes:
                 if prefix_history is not None:
                     prefix_history.suspect(prefix_key(key, v4, v6), now)
