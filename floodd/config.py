@@ -30,6 +30,9 @@ MATCH_MALFORMED = "malformed"
 
 MAX_DURATION = 365 * 86400.0  # seconds: no duration floodd takes is longer than a year
 # Units of a duration, largest first: in "1h30m" each unit follows every larger one.
+MAX_EXCLUDED = 256  # banned targets the capture filter can leave out (BPF: 4096 instructions)
+MAX_SAMPLING = 1024  # the sparsest kernel sample: 1 packet in this many
+
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _UNIT_RANK = {unit: rank for rank, unit in enumerate(_UNITS)}
 _MAX_DURATION_TEXT = 64  # characters; nothing sensible is longer
@@ -107,6 +110,12 @@ class CaptureConfig:
     snaplen: int = 512
     buffer_size_mb: int = 32
     batch_size: int = 1024
+    # The busiest banned sources whose packets the kernel filter keeps from floodd (their
+    # drops are read from the ban counters); 0: every packet reaches floodd.
+    exclude_banned: int = 64
+    # At most 1 in this many packets counted when floodd cannot count them all (a power of
+    # two; 1: never sample, the kernel drops what floodd cannot read).
+    max_sampling: int = 64
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,9 @@ class TrustConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     tick: float = 1.0
+    # Least time between two decisions woken by a key crossing a ban threshold (between
+    # ticks); bounds the decision's cost under a flood of new sources.
+    react_delay: float = 0.005
     summary_interval: float = 60.0
     log_level: str = "info"
     control_socket: str = "/run/floodd/control.sock"
@@ -447,7 +459,13 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
         snaplen=cap.int("snaplen", d_cap.snaplen, 96, 65535),
         buffer_size_mb=cap.int("buffer_size_mb", d_cap.buffer_size_mb, 1, 4096),
         batch_size=cap.int("batch_size", d_cap.batch_size, 1, 65536),
+        exclude_banned=cap.int("exclude_banned", d_cap.exclude_banned, 0, MAX_EXCLUDED),
+        max_sampling=cap.int("max_sampling", d_cap.max_sampling, 1, MAX_SAMPLING),
     )
+    if capture.max_sampling & (capture.max_sampling - 1):
+        raise ConfigError(source, "capture.max_sampling",
+                          f"expected a power of two (1, 2, 4 ... {MAX_SAMPLING}), got "
+                          f"{capture.max_sampling}")
 
     rt = top.section("rate_table")
     rt.check_keys({f.name for f in fields(RateTableConfig)})
@@ -525,6 +543,7 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
     d_dm = DaemonConfig()
     daemon = DaemonConfig(
         tick=dm.duration("tick", d_dm.tick, hi=60.0),
+        react_delay=dm.duration("react_delay", d_dm.react_delay, hi=1.0),
         summary_interval=dm.duration("summary_interval", d_dm.summary_interval, hi=86400.0),
         log_level=dm.choice("log_level", d_dm.log_level, ("debug", "info", "warning", "error")),
         control_socket=dm.string("control_socket", d_dm.control_socket),
@@ -578,7 +597,11 @@ def summary(config: Config) -> list[str]:
         f"config: {c.source}",
         f"capture: interfaces {', '.join(c.capture.interfaces)}; "
         f"{'/'.join(c.capture.protocols)} to port(s) {', '.join(map(str, c.capture.ports))}"
-        + (f"; extra filter: {c.capture.bpf_filter}" if c.capture.bpf_filter else ""),
+        + (f"; extra filter: {c.capture.bpf_filter}" if c.capture.bpf_filter else "")
+        + (f"; the {c.capture.exclude_banned} busiest banned sources kept out of the capture"
+           if c.capture.exclude_banned else "; banned sources still captured")
+        + (f"; sample down to 1 in {c.capture.max_sampling} packets when overloaded"
+           if c.capture.max_sampling > 1 else "; never sample"),
         f"rate table: window {c.rate_table.window:g} s in {c.rate_table.bucket:g} s buckets, "
         f"capacity {c.rate_table.capacity} keys",
         "whitelist: " + (", ".join(str(n) for n in c.whitelist) or "(empty)")
@@ -606,7 +629,8 @@ def summary(config: Config) -> list[str]:
         f"firewall: backend {f.backend}{' (dry run)' if f.dry_run else ''}, scope {f.scope}, max {f.max_bans} bans, "
         f"rescan every {f.rescan_interval:g} s, stale after {f.stale_after:g} s, "
         f"escalation x{f.escalation_factor:g} up to {f.max_ban_time:g} s, on exit {f.on_exit}",
-        f"daemon: tick {c.daemon.tick:g} s, log level {c.daemon.log_level}, "
+        f"daemon: tick {c.daemon.tick:g} s (and {c.daemon.react_delay:g} s after a ban "
+        f"threshold is crossed), log level {c.daemon.log_level}, "
         f"control socket {c.daemon.control_socket}, state in {c.daemon.state_dir}",
     ]
     return lines

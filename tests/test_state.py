@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from floodd.decide.policy import Network, Offence
+from floodd.decide.policy import Network, Offence, Offences
 from floodd.enforce.clock import Instant
-from floodd.enforce.state import FILE_NAME, load_offences, save_offences
+from floodd.enforce.state import FILE_NAME, StateWriter, load_offences, save_offences
 
 NOW = 1_700_000_000.0
 DAY = 86_400.0
@@ -131,3 +131,46 @@ def test_property_round_trip(tmp_path_factory: pytest.TempPathFactory,
     state_dir = tmp_path_factory.mktemp("state")
     save_offences(str(state_dir), offences, AT, DAY)
     assert load(state_dir) == offences
+
+
+def _offences(*pairs: tuple[str, Offence]) -> Offences:
+    return Offences(DAY, [(net(n), o) for n, o in pairs])
+
+
+def test_writer_saves_in_the_background_the_newest_snapshot(tmp_path: Path) -> None:
+    failures: list[OSError] = []
+    writer = StateWriter(str(tmp_path), DAY, failures.append)
+    offences = _offences(("198.51.100.7/32", Offence(1, NOW - 60)))
+    writer.submit(offences, AT)
+    offences.record(net("203.0.113.0/24"), NOW)  # after submit: not in that snapshot
+    writer.submit(offences, AT)
+    offences.record(net("192.0.2.0/24"), NOW)  # changed after the last submit
+    writer.close()
+    assert not failures
+    assert load(tmp_path) == {net("198.51.100.7/32"): Offence(1, NOW - 60),
+                              net("203.0.113.0/24"): Offence(1, NOW)}
+    assert writer.idle()
+
+
+def test_writer_reports_a_failed_save_and_goes_on(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a state_dir that is a file: every save fails
+    failures: list[OSError] = []
+    writer = StateWriter(str(blocked / "state"), DAY, failures.append)
+    writer.submit(_offences(("198.51.100.7/32", Offence(1, NOW))), AT)
+    writer.close()
+    assert len(failures) == 1 and isinstance(failures[0], OSError)
+    writer = StateWriter(str(tmp_path / "state"), DAY, failures.append)
+    writer.submit(_offences(("198.51.100.7/32", Offence(1, NOW))), AT)
+    writer.close()
+    assert len(failures) == 1
+    assert load(tmp_path / "state") == {net("198.51.100.7/32"): Offence(1, NOW)}
+
+
+def test_copy_is_a_snapshot() -> None:
+    offences = _offences(("198.51.100.7/32", Offence(1, NOW - 60)))
+    twin = offences.copy()
+    offences.record(net("198.51.100.7/32"), NOW)
+    assert twin[net("198.51.100.7/32")] == Offence(1, NOW - 60)
+    assert offences[net("198.51.100.7/32")] == Offence(2, NOW)
+    assert (twin.forget_after, twin.cap) == (offences.forget_after, offences.cap)

@@ -25,6 +25,12 @@ def _status(args: argparse.Namespace) -> int:
           f"{', dry run' if reply['dry_run'] else ''})")
     print(f"capture: {', '.join(reply['interfaces'])}: {reply['pps']:.0f} packets/s, "
           f"{reply['packets']} packets, {reply['kernel_drops']} kernel drops")
+    if reply.get("sampling", 1) > 1:
+        print(f"  overloaded: the kernel hands floodd 1 in {reply['sampling']} packets "
+              "(counts scaled)")
+    if reply.get("excluded"):
+        print(f"  {reply['excluded']} bans kept out of the capture (their drops are in "
+              "`floodd bans`)")
     print(f"bans: {reply['bans']} (max {reply['max_bans']})")
     _print_top(reply["top"])
     return 0

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from floodd.config import Network, Rule, TrustConfig
 from floodd.decide.trust import Narrowing, ban_scope
-from floodd.detect.traffic import Traffic, address_network, prefix_network, rule_qtype, split_qtype_key
+from floodd.detect.traffic import (Candidates, Traffic, address_network, prefix_network,
+                                   rule_qtype, split_qtype_key)
 from floodd.scope import WHOLE, Scope, Target
 
 
@@ -41,22 +42,25 @@ class Trigger:
         return Target(self.network, self.scope)
 
 
-def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule],
-             trust: TrustConfig) -> list[Trigger]:
+def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule], trust: TrustConfig,
+             candidates: Candidates | None = None) -> list[Trigger]:
     """A trigger for every key counting more than a rule's threshold in its window.
 
     A rule with ``total_threshold`` is skipped unless all sources together count
     more than that; a qtype rule reads only its own qtype's keys.  A ban trigger
     carries the scope its evidence allows (:func:`floodd.decide.trust.ban_scope`).
+    Given ``candidates`` (the keys the counting saw cross a ban threshold), only
+    those are looked at, and only by ban rules.
     """
     triggers: list[Trigger] = []
     for rule in rules:
+        if candidates is not None and rule.action != "ban":
+            continue
         if rule.total_threshold is not None and \
                 traffic.rule_total(now, rule) <= rule.total_threshold:
             continue  # rotating-source guard not armed
-        table = traffic.table_for(rule)
         qtype = rule_qtype(rule)
-        for key, count in table.over(now, rule.threshold):
+        for key, count in traffic.over(now, rule, candidates):
             if rule.aggregate == "prefix":
                 network = prefix_network(key, rule.prefix_v4, rule.prefix_v6)
             elif qtype is not None:
@@ -137,6 +141,12 @@ class Offences(Mapping[Network, Offence]):
 
     def __len__(self) -> int:
         return len(self._by_age)
+
+    def copy(self) -> Offences:
+        """The same offences, apart from this one (a snapshot for another thread)."""
+        twin = Offences(self.forget_after, cap=self.cap)
+        twin._by_age = self._by_age.copy()
+        return twin
 
     def record(self, network: Network, now: float) -> Offence:
         """``network`` is banned at ``now`` (a time no earlier than any before): its

@@ -6,6 +6,10 @@ remembers how often each network was banned.  It is rewritten atomically
 never half of one.  Format: ``{"version": 1, "offences": {"NET": [count, last]}}``,
 ``last`` in unix seconds, newest first; in memory ``last`` is on the monotonic clock,
 converted when the file is read and written.
+
+:class:`StateWriter` writes in a thread of its own, so that a ban never waits for a
+disk: the main loop hands it a snapshot and goes on; snapshots handed in while one is
+written are coalesced into the newest.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import ipaddress
 import json
 import os
 import tempfile
-from typing import Mapping
+import threading
+from typing import Callable, Mapping
 
 from floodd.config import Network
 from floodd.decide.policy import Offence, Offences, remembered
@@ -61,3 +66,58 @@ def save_offences(state_dir: str, offences: Mapping[Network, Offence], now: Inst
         except OSError:
             pass
         raise
+
+
+class StateWriter:
+    """Saves snapshots of the offences in the background, the newest one first to last.
+
+    ``failed`` is called (in the writer's thread) with the OSError of a save that failed;
+    the next snapshot is tried as usual.
+    """
+
+    def __init__(self, state_dir: str, forget_after: float,
+                 failed: Callable[[OSError], None]) -> None:
+        self.state_dir = state_dir
+        self.forget_after = forget_after
+        self._failed = failed
+        self._cond = threading.Condition()
+        self._pending: tuple[Offences, Instant] | None = None
+        self._writing = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="floodd-state", daemon=True)
+        self._thread.start()
+
+    def submit(self, offences: Offences, now: Instant) -> None:
+        """Save a copy of ``offences`` as of ``now`` soon; returns at once."""
+        with self._cond:
+            self._pending = (offences.copy(), now)
+            self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is pending, then stop (waiting at most ``timeout`` seconds)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def idle(self) -> bool:
+        """True when every snapshot handed in is on disk (or failed)."""
+        with self._cond:
+            return self._pending is None and not self._writing
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                (offences, now), self._pending = self._pending, None
+                self._writing = True
+            try:
+                save_offences(self.state_dir, offences, now, self.forget_after)
+            except OSError as exc:
+                self._failed(exc)
+            finally:
+                with self._cond:
+                    self._writing = False

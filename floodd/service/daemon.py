@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import AbstractSet, Any, Callable
+from typing import AbstractSet, Any, Callable, Sequence
 
 from floodd import __version__
 from floodd.detect.capture import CaptureStats, LiveCapture, PacketSource
@@ -33,16 +33,17 @@ from floodd.enforce.clock import Instant
 from floodd.enforce.clock import now as clock_now
 from floodd.enforce.firewall import make_backend
 from floodd.enforce.firewall.base import Backend, Network
-from floodd.scope import WHOLE
+from floodd.detect.sampling import SamplingControl
+from floodd.scope import WHOLE, Target
 from floodd.service.journal import EventLog
 from floodd.service.notify import Notifier
 from floodd.service.throttle import Throttle
 from floodd.decide.policy import Offences, Trigger, evaluate, plan
 from floodd.decide.safety import own_networks, protected_reason
-from floodd.enforce.state import load_offences, save_offences
+from floodd.enforce.state import StateWriter, load_offences
 from floodd.service.requests import (BanRequest, ListBans, Request, Status, Top, UnbanRequest,
                                      parse_request)
-from floodd.detect.traffic import Traffic, address_network
+from floodd.detect.traffic import Candidates, Traffic, address_network
 
 # Networks remembered for logging a warning or a refusal once per interval.
 LOG_KEYS = 10_000
@@ -58,30 +59,56 @@ CHANGE_TIMEOUT = 30.0
 
 class CaptureWorker(threading.Thread):
     """Reads one packet source and counts every batch into the shared tables,
-    stamped with ``time.monotonic()`` when it was read."""
+    stamped with ``time.monotonic()`` when it was read, with the weight of the
+    source's kernel sampling (1 in ``sampling`` packets).
+
+    Only this thread touches the source (libpcap handles are not thread-safe): the
+    kernel filter's exclusions are handed in with :meth:`exclude` and applied before
+    the next read, and the sampling follows a :class:`SamplingControl` fed once a
+    second with this thread's CPU time and the kernel's counters.
+    """
 
     def __init__(self, source: PacketSource, name: str,
-                 count: Callable[[float, Batch], None]) -> None:
+                 count: Callable[[float, Batch, int], None], max_sampling: int = 1) -> None:
         super().__init__(name=f"floodd-capture-{name}", daemon=True)
         self.source = source
         self.interface = name
         self.count = count
         self.heartbeat = time.monotonic()
         self.error: str | None = None
+        self.excluded = 0  # banned targets the kernel filter keeps out now
+        self.sampling = 1  # 1 in this many packets reaches floodd
+        self._filterable = isinstance(source, LiveCapture)
+        self._control = SamplingControl(max_sampling) if self._filterable and \
+            max_sampling > 1 else None
+        self._exclusions: tuple[Target, ...] | None = None  # to apply: see exclude()
         self._stop_event = threading.Event()
         self._source_lock = threading.Lock()
         self._closed = False
         self._stats = CaptureStats(0, 0, 0)
 
+    def exclude(self, targets: Sequence[Target]) -> None:
+        """Keep these bans' packets out of the capture from the next read on (heaviest
+        first: the filter takes as many as it can)."""
+        self._exclusions = tuple(targets)
+
     def run(self) -> None:
         try:
+            next_sample = time.monotonic() + 1.0
+            cpu = time.thread_time()
             while not self._stop_event.is_set():
+                self._apply_exclusions()
                 batch = self.source.read(READ_TIMEOUT)
                 if batch is None:
                     break
+                now = time.monotonic()
                 if batch.records:
-                    self.count(time.monotonic(), batch)
-                self.heartbeat = time.monotonic()
+                    self.count(now, batch, self.sampling)
+                self.heartbeat = now
+                if now >= next_sample and self._control is not None:
+                    spent = time.thread_time()
+                    self._resample(now, (spent - cpu) / (now - next_sample + 1.0))
+                    cpu, next_sample = spent, now + 1.0
         except FlooddError as exc:
             self.error = str(exc)
         except Exception as exc:  # a capture failure must reach the log, not kill silently
@@ -90,6 +117,21 @@ class CaptureWorker(threading.Thread):
             with self._source_lock:
                 self._closed = True
                 self.source.close()
+
+    def _apply_exclusions(self) -> None:
+        targets, self._exclusions = self._exclusions, None
+        if targets is not None and isinstance(self.source, LiveCapture):
+            self.excluded = self.source.exclude(targets)
+
+    def _resample(self, now: float, busy: float) -> None:
+        """Follow the sampling controller, from the CPU share ``busy`` this thread used
+        over the last second and the kernel's counters."""
+        assert self._control is not None and isinstance(self.source, LiveCapture)
+        stats = self.stats()
+        wanted = self._control.update(now, busy, stats.dropped, stats.received)
+        if wanted != self.sampling:
+            self.source.sample(wanted)
+            self.sampling = wanted
 
     def stats(self) -> CaptureStats:
         """The source's counters; the last ones read once it failed or was closed."""
@@ -158,6 +200,15 @@ class Daemon:
         self.clock: Callable[[], Instant] = clock_now
         self.bans = BanSet(config.firewall)
         self.offences = Offences(config.firewall.max_ban_time)
+        self.state: StateWriter | None = None  # saves the offences off the main loop
+        # Set by a capture thread when a key crossed a ban threshold: the main loop
+        # decides at once (at most every daemon.react_delay) instead of at the tick.
+        self._crossed = threading.Event()
+        self._last_react = 0.0
+        # How busy each banned target was when banned (its rule's rate), for choosing
+        # the heaviest ones to keep out of the capture.
+        self._heat: dict[Target, float] = {}
+        self._excluded: tuple[Target, ...] = ()
         self.own: list[Network] = []
         self.control: ControlServer | None = None
         self.requests: queue.Queue[_Pending] = queue.Queue()
@@ -172,6 +223,7 @@ class Daemon:
         self._last_rate_at = time.monotonic()
         self.pps = 0.0
         self._capture_problem_logged: str | None = None
+        self._sampling_logged = 1
 
     # --- signals: flags only --------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -213,7 +265,10 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval
         next_ping = time.monotonic()
         while not self._stop:
-            self._wake.wait(max(0.0, next_tick - time.monotonic()))
+            wake_at = next_tick
+            if self._crossed.is_set():
+                wake_at = min(wake_at, self._last_react + self.config.daemon.react_delay)
+            self._wake.wait(max(0.0, wake_at - time.monotonic()))
             self._wake.clear()
             if self._stop:
                 break
@@ -223,11 +278,17 @@ class Daemon:
             self._serve_requests()
             mono = time.monotonic()
             if mono < next_tick:
+                if self._crossed.is_set() and \
+                        mono >= self._last_react + self.config.daemon.react_delay:
+                    self._crossed.clear()
+                    self._last_react = mono
+                    self._guarded("ban", self._react, self.clock())
                 continue
             next_tick = max(next_tick + self.config.daemon.tick, mono)
             at = self.clock()
             # A failing firewall command is logged and tried again next time; the
             # capture (and the watchdog) carry on.
+            self._crossed.clear()
             self._guarded("ban", self._policy_tick, at)
             if mono >= next_rescan:
                 next_rescan += self.config.firewall.rescan_interval
@@ -238,6 +299,7 @@ class Daemon:
                 next_summary = max(next_summary + self.config.daemon.summary_interval, mono)
                 self._summary()
             self._measure_rate(mono)
+            self._log_sampling()
             if self._captures_healthy(mono):
                 if watchdog is not None and mono >= next_ping:
                     self.notifier.watchdog()
@@ -267,8 +329,11 @@ class Daemon:
         self.own = own_networks()
         at = self.clock()
         self.offences = load_offences(cfg.daemon.state_dir, at, cfg.firewall.max_ban_time)
+        self.state = StateWriter(cfg.daemon.state_dir, cfg.firewall.max_ban_time,
+                                 self._state_failed)
         backend, self.backend_note = self._make_backend(cfg)
         self.bans.start(at, backend)  # adopts the bans in the kernel, changes none
+        self._update_exclusions()
         self._start_captures(self._open_captures(cfg))
 
     def _make_backend(self, cfg: Config) -> tuple[Backend, str]:
@@ -284,7 +349,7 @@ class Daemon:
         try:
             for iface in self.interfaces_override or cfg.capture.interfaces:
                 workers.append(CaptureWorker(self.source_factory(iface, cfg), iface,
-                                             self._count))
+                                             self._count, cfg.capture.max_sampling))
         except BaseException:
             for w in workers:
                 w.source.close()
@@ -293,6 +358,8 @@ class Daemon:
 
     def _start_captures(self, workers: list[CaptureWorker]) -> None:
         for w in workers:
+            if self._excluded:
+                w.exclude(self._excluded)
             w.start()
         self.workers = workers
 
@@ -320,12 +387,19 @@ class Daemon:
                 except FlooddError as exc:
                     self.log.error(f"stopped; could not flush the bans: {exc}", action="stop")
             self._save_state(self.clock())
+        if self.state is not None:
+            self.state.close()
 
     # --- counting (capture threads) ---------------------------------------------
-    def _count(self, now: float, batch: Batch) -> None:
-        """Count a batch read at ``now`` (monotonic): the tables' clock."""
+    def _count(self, now: float, batch: Batch, weight: int) -> None:
+        """Count a batch read at ``now`` (monotonic: the tables' clock), a 1-in-``weight``
+        sample of the packets; wake the main loop when a key crossed a ban threshold."""
         with self.lock:
-            self.traffic.add_batch(now, batch.records, skip=self.banned_sources)
+            crossed = self.traffic.add_batch(now, batch.records, skip=self.banned_sources,
+                                             weight=weight)
+        if crossed:
+            self._crossed.set()
+            self._wake.set()
 
     @property
     def banned_sources(self) -> AbstractSet[bytes]:
@@ -336,10 +410,19 @@ class Daemon:
     def _protected(self, network: Network) -> str | None:
         return protected_reason(network, self.config.whitelist, self.own)
 
-    def _policy_tick(self, at: Instant) -> None:
+    def _react(self, at: Instant) -> None:
+        """Between ticks: decide on the keys the capture saw cross a ban threshold."""
+        with self.lock:
+            candidates = self.traffic.take_candidates()
+        self._policy_tick(at, candidates)
+
+    def _policy_tick(self, at: Instant, candidates: Candidates | None = None) -> None:
+        """Evaluate the rules (only on ``candidates``, when given) and ban."""
         cfg = self.config
         with self.lock:  # the tables run on the capture's clock: time.monotonic()
-            triggers = evaluate(at.mono, self.traffic, cfg.rules, cfg.trust)
+            if candidates is None:
+                self.traffic.take_candidates()  # every key is looked at now
+            triggers = evaluate(at.mono, self.traffic, cfg.rules, cfg.trust, candidates)
             rules = {rule.name: rule for rule in cfg.rules}
             for trig in triggers:  # a flood must not teach its own hop values
                 self.traffic.suspect(at.mono, rules[trig.rule], trig.key)
@@ -360,6 +443,10 @@ class Daemon:
             self.log.error(f"could not ban {len(decided.bans)} sources: {exc}", action="error")
             return
         added = {ban.target for ban in done.added}
+        for trig, _ in decided.bans:
+            if trig.target in added:
+                self._heat[trig.target] = trig.rate
+        self._update_exclusions()
         with self.lock:  # the evidence is used up: a ban that ends is not made again on it
             for net, _ in added:
                 if net.prefixlen == net.max_prefixlen:
@@ -430,6 +517,7 @@ class Daemon:
         done = self.bans.rescan(at)
         if done is None:
             return  # the firewall did not answer: left alone for a while
+        self._update_exclusions()
         if done.set_up or done.restored:
             why = ("floodd's firewall table is gone" if done.set_up else
                    f"{len(done.restored)} bans vanished from the firewall")
@@ -477,6 +565,10 @@ class Daemon:
             self._stop_captures()
             self._start_captures(workers)
         self.offences.forget_after = new.firewall.max_ban_time
+        if self.state is not None:
+            self.state.state_dir = new.daemon.state_dir
+            self.state.forget_after = new.firewall.max_ban_time
+        self._update_exclusions()
         if self.bans.started:
             try:  # the drop rules follow capture.ports and capture.protocols
                 self.bans.configure(new.firewall, new.capture.ports, new.capture.protocols)
@@ -493,6 +585,19 @@ class Daemon:
             self.pps = (self.traffic.packets - self._last_packets) / dt
             self._last_packets = self.traffic.packets
             self._last_rate_at = mono
+
+    def _log_sampling(self) -> None:
+        """Say when the capture starts, changes or stops sampling."""
+        now = self.sampling
+        if now == self._sampling_logged:
+            return
+        if now > 1:
+            self.log.warning(f"capture overloaded: counting 1 in {now} packets, counts "
+                             f"scaled by {now} (was 1 in {self._sampling_logged})",
+                             action="capture", rate=round(self.pps, 1))
+        else:
+            self.log.info("capture keeps up again: counting every packet", action="capture")
+        self._sampling_logged = now
 
     def _captures_healthy(self, mono: float) -> bool:
         return bool(self.workers) and all(w.healthy(mono) for w in self.workers)
@@ -512,16 +617,32 @@ class Daemon:
             if_dropped += s.if_dropped
         return CaptureStats(received, dropped, if_dropped)
 
+    @property
+    def sampling(self) -> int:
+        """The sparsest kernel sampling of the captures: 1 in this many packets counted."""
+        return max((w.sampling for w in self.workers), default=1)
+
+    @property
+    def excluded(self) -> int:
+        """Banned targets the capture filters keep out (the most over the interfaces)."""
+        return max((w.excluded for w in self.workers), default=0)
+
+    def _capture_note(self) -> str:
+        sampled = f", counting 1 in {self.sampling} packets" if self.sampling > 1 else ""
+        excluded = f", {self.excluded} bans kept out of the capture" if self.excluded else ""
+        return sampled + excluded
+
     def _status_line(self) -> str:
         stats = self.capture_stats()
         return (f"{self.pps:.0f} packets/s, {stats.dropped} kernel drops, "
-                f"{len(self.bans)} bans")
+                f"{len(self.bans)} bans{self._capture_note()}")
 
     def _summary(self) -> None:
         stats = self.capture_stats()
         self.log.info(f"summary: {self.pps:.0f} packets/s, {self.traffic.packets} packets, "
                       f"{stats.dropped} kernel drops, {len(self.bans)} bans, "
-                      f"{self.traffic.sources.pruned} keys pruned", action="summary",
+                      f"{self.traffic.sources.pruned} keys pruned{self._capture_note()}",
+                      action="summary",
                       packets=self.traffic.packets, rate=round(self.pps, 1),
                       bans=len(self.bans), drops=stats.dropped)
 
@@ -545,6 +666,7 @@ class Daemon:
                     "pps": self.pps, "packets": self.traffic.packets,
                     "received": stats.received, "kernel_drops": stats.dropped,
                     "bans": len(self.bans), "max_bans": self.config.firewall.max_bans,
+                    "sampling": self.sampling, "excluded": self.excluded,
                     "top": self._top(10)}
         if isinstance(req, Top):
             return {"ok": True, "top": self._top(req.n)}
@@ -613,6 +735,7 @@ class Daemon:
             raise FlooddError(f"ban: refusing to ban {network}: {reason} "
                               "(use --force to ban it anyway)")
         done = self.bans.ban(at, [NewBan(network, req.reason, req.seconds)])
+        self._update_exclusions()
         ban = next((b for b in done.added if b.target == (network, WHOLE)), None)
         if ban is None:
             holder = self.bans.holder(network)
@@ -626,6 +749,7 @@ class Daemon:
 
     def _operator_unban(self, at: Instant, req: UnbanRequest) -> dict[str, Any]:
         gone = self.bans.unban(at, None if req.network is None else [req.network])
+        self._update_exclusions()
         if req.network is not None and not gone:
             raise Failure(f"unban: {req.network} is not banned")
         with self.lock:
@@ -639,10 +763,27 @@ class Daemon:
                          for t in gone]}
 
     def _save_state(self, now: Instant) -> None:
-        try:
-            save_offences(self.config.daemon.state_dir, self.offences, now,
-                          self.config.firewall.max_ban_time)
-        except OSError as exc:
-            self.log.warning(f"cannot save state in {self.config.daemon.state_dir}: "
-                             f"{exc.strerror}")
+        if self.state is not None:
+            self.state.submit(self.offences, now)
+
+    def _state_failed(self, exc: OSError) -> None:
+        """The state writer could not save (called in its thread)."""
+        self.log.warning(f"cannot save state in {self.config.daemon.state_dir}: "
+                         f"{exc.strerror or exc}")
+
+    def _update_exclusions(self) -> None:
+        """Hand the capture threads the heaviest bans whose packets the kernel drops
+        whatever their content (all of a source's queries, or its UDP ones, at any or at
+        unusual TTL/hop limits): counting those packets teaches floodd nothing the ban
+        counters do not say.  Bans of one query type stay in the capture."""
+        limit = self.config.capture.exclude_banned
+        banned = [t for t in self.bans.targets() if t.scope.qtype is None]
+        self._heat = {t: self._heat.get(t, 0.0) for t in banned}
+        chosen = tuple(sorted(banned, key=self._heat.__getitem__, reverse=True)[:limit]) \
+            if limit else ()
+        if chosen == self._excluded:
+            return
+        self._excluded = chosen
+        for w in self.workers:
+            w.exclude(chosen)
 
