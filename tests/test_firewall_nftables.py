@@ -13,6 +13,7 @@ import shutil
 import socket
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,7 +27,8 @@ from faults import FaultyCommand
 from floodd.config import FirewallConfig
 from floodd.errors import FlooddError
 from floodd.enforce.firewall import BACKENDS, auto_choice, make_backend
-from floodd.enforce.firewall.base import Backend, Ban, InstalledBan
+import floodd.enforce.firewall.nftables
+from floodd.enforce.firewall.base import Backend, Ban, Committed, InstalledBan
 from floodd.enforce.firewall.dryrun import DryRunBackend
 from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
 from floodd.enforce.firewall.nftables import (GATE_MARGIN, SetBan, NftablesBackend,
@@ -422,10 +424,34 @@ def test_plan_prefix_gates_never_overlap() -> None:
     assert plan.gate_add == ((net("198.51.100.0/24"), NOW + 2000),)  # the later end
     wider = {net("198.51.0.0/16"): NOW + 100}
     plan = plan_commit(pending(new), [], wider)
-    assert (plan.gate_delete, plan.gate_add) == ((), ((net("198.51.0.0/16"),
-                                                       NOW + 600 + GATE_MARGIN),))
+    # given a later end: deleted and added again (re-adding keeps the old timeout on older
+    # kernels)
+    assert (plan.gate_delete, plan.gate_add) == ((net("198.51.0.0/16"),), (
+        (net("198.51.0.0/16"), NOW + 600 + GATE_MARGIN),))
+    address = plan_commit(pending(ban("198.51.100.7", scope=qtype(ANY))), [],
+                          {net("198.51.100.7/32"): NOW + 100})
+    assert render_commit(address, "floodd", NOW).splitlines() == [
+        "delete element inet floodd qgate4 { 198.51.100.7 }",
+        'add element inet floodd qtype4 { 198.51.100.7 . 0-255 . 0x0000ff0001 timeout '
+        f'600000ms comment "floodd since={NOW:.0f} expires={NOW + 600:.0f} '
+        'scope=udp,qtype=255 rule=r" }',
+        "add element inet floodd qgate4 { 198.51.100.7 timeout 660000ms }"]
     plan = plan_commit(pending(new), [], {net("198.51.0.0/16"): NOW + 700})
     assert plan.gate_delete == plan.gate_add == ()
+
+
+def test_plan_tells_what_it_relied_on() -> None:
+    """The bans a plan skipped new ones for and those whose counters it carries: what a
+    mirror must be sure of."""
+    wide = installed("203.0.113.0/24", 5, 500)
+    narrow = installed("198.51.100.0/25", 2, 200)
+    gone = installed("198.51.100.7")
+    plan = plan_commit(pending(ban("203.0.113.0/25"),  # covered
+                               ban("198.51.100.0/24"),  # replaces, counters carried
+                               target("198.51.100.7/32")),  # unbanned: deleted only
+                       [wide, narrow, gone])
+    assert (plan.kept, plan.carried) == ((wide,), (narrow,))
+    assert set(plan.delete) == {narrow, gone}
 
 
 def test_render_commit() -> None:
@@ -999,3 +1025,202 @@ def test_nftables_present_needs_every_rule(lab: Any, in_server: Any) -> None:
     in_server(backend.setup)
     assert in_server(backend.present)
     assert _nft(lab, "list", "chain", "inet", "floodd", "qtype6").count("@qtype6 drop") == 255
+
+
+# --- commits planned against the mirror -----------------------------------------------
+LIST = "-j list table inet floodd"
+CHANGE = "-f -"
+
+
+@pytest.fixture
+def nft_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FaultyCommand:
+    """floodd's ``nft`` runs through a wrapper recording each call (out-of-band changes
+    run the real one, ``nft_calls.real``)."""
+    _needs_nft()
+    nft = FaultyCommand(tmp_path / "bin", "nft")
+    monkeypatch.setenv("PATH", f"{nft.dir}{os.pathsep}{os.environ['PATH']}")
+    return nft
+
+
+def _calls_during(nft: FaultyCommand, fn: Callable[..., Any], *args: Any) -> tuple[Any, list[str]]:
+    seen = len(nft.calls())
+    result = fn(*args)
+    return result, nft.calls()[seen:]
+
+
+def test_nftables_a_commit_is_one_nft_without_listing(lab: Any, in_server: Any,
+                                                      nft_calls: FaultyCommand) -> None:
+    backend = NftablesBackend([53], ["udp", "tcp"])
+    in_server(backend.setup)
+    now = time.time()
+    bans = [Ban(net(f"198.51.100.{i}/32"), "r", now, now + 600, qtype(ANY) if i % 2 else
+                hops(64) if i % 3 else WHOLE) for i in range(1, 21)]
+    calls = []
+    for b in bans:
+        backend.ban([b])
+        done, made = _calls_during(nft_calls, in_server, backend.commit)
+        assert done.added == (b,)
+        calls += made
+    assert calls == [LIST] + [CHANGE] * len(bans)  # only the first commit lists the table
+    state = in_server(backend.state)
+    assert {b.target for b in state.bans} == {b.target for b in bans}
+    assert set(state.gates) == {b.network for b in bans if b.scope.qtype is not None}
+    # extended: each replaced in one transaction (its counter read by the listing above)
+    longer = [replace(b, expires=now + 3600) for b in bans]
+    backend.ban(longer)
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [CHANGE] and set(done.added) == set(longer) and not done.removed
+    assert {b.target: b.expires for b in in_server(backend.list)} == {
+        b.target: math.floor(now + 3600) for b in bans}
+    assert all(in_server(backend.state).gates[b.network] >= now + 3600 + GATE_MARGIN - 1
+               for b in bans if b.scope.qtype is not None)
+    backend.unban([b.target for b in bans])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [CHANGE] and set(done.removed) == {b.target for b in bans}
+    assert in_server(backend.list) == []
+    # nothing to change, nothing run
+    backend.unban([bans[0].target])
+    assert _calls_during(nft_calls, in_server, backend.commit) == (Committed((), ()), [])
+
+
+def test_nftables_retries_after_out_of_band_changes(lab: Any, in_server: Any,
+                                                    nft_calls: FaultyCommand,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mirror does not see an operator's nft: the transaction it plans is refused,
+    planned again against a listing and applied."""
+    monkeypatch.setattr(floodd.enforce.firewall.nftables, "COUNTERS_FRESH", math.inf)
+    backend = NftablesBackend([53], ["udp", "tcp"])
+    now = time.time()
+    a, b, c = (Ban(net(n), "r", now, now + 600, s) for n, s in (
+        ("198.51.100.7/32", WHOLE), ("198.51.100.8/32", hops(64)), ("203.0.113.0/24", WHOLE)))
+    in_server(_apply, backend, [a, b, c])
+
+    def by_hand(*args: str) -> None:
+        lab.run(lab.server_ns, [nft_calls.real, *args])
+    by_hand("delete", "element", "inet", "floodd", "ban4", "{ 198.51.100.7 }")
+    backend.unban([a.target])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [CHANGE, LIST] and done == Committed((), ())  # nothing left to do
+    by_hand("flush", "set", "inet", "floodd", "hop4")
+    longer = replace(b, expires=now + 3600)
+    backend.ban([longer])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [CHANGE, LIST, CHANGE] and done.added == (longer,)
+    assert {ib.target: ib.expires for ib in in_server(backend.list)} == {
+        b.target: math.floor(now + 3600), c.target: math.floor(now + 600)}
+    # an element added by hand inside a banned prefix: the prefix's replacement is refused
+    by_hand("add", "element", "inet", "floodd", "ban4net", "{ 198.51.100.0/24 }")
+    wider = Ban(net("198.51.100.0/23"), "r", now, now + 600)
+    backend.ban([wider])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [CHANGE, LIST, CHANGE] and done.added == (wider,)
+    assert done.removed == (Target(net("198.51.100.0/24"), WHOLE),)
+    by_hand("flush", "ruleset")
+    backend.ban([a])
+    with pytest.raises(FlooddError, match="^nftables table inet floodd does not exist"):
+        in_server(backend.commit)
+    in_server(_apply, backend, [a])
+    assert [ib.target for ib in in_server(backend.list)] == [a.target]
+
+
+def test_nftables_mirror_knows_kernel_timeouts(lab: Any, in_server: Any,
+                                               nft_calls: FaultyCommand) -> None:
+    """An element whose timeout may just have fired is not trusted: the table is listed
+    before a transaction that would delete it."""
+    backend = NftablesBackend([53], ["udp", "tcp"])
+    in_server(backend.setup)
+    now = time.time()
+    short = [Ban(net(n), "r", now, now + 1.2, s) for n, s in (
+        ("198.51.100.7/32", WHOLE), ("198.51.100.8/32", hops(64)))]
+    backend.ban(short)
+    in_server(backend.commit)
+    time.sleep(0.3)  # within the doubt around the end of the 1.2 s timeouts
+    kept = replace(short[0], expires=now + 600)
+    backend.ban([kept])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [LIST, CHANGE] and done.added == (kept,)
+    listed = {ib.target: ib.expires for ib in in_server(backend.list)}
+    assert listed[kept.target] == math.floor(now + 600)
+
+
+def test_nftables_a_hung_commit_is_not_retried(lab: Any, in_server: Any,
+                                               nft_calls: FaultyCommand,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """After nft was killed the mirror is unknown: the next commit lists the table."""
+    backend = NftablesBackend([53], ["udp", "tcp"])
+    now = time.time()
+    in_server(_apply, backend, [Ban(net("198.51.100.7/32"), "r", now, now + 600)])
+    monkeypatch.setattr(floodd.command, "TIMEOUT", 0.5)
+    nft_calls.hang("-f")
+    backend.ban([Ban(net("198.51.100.8/32"), "r", now, now + 600)])
+    with pytest.raises(floodd.command.CommandTimeout):
+        _calls_during(nft_calls, in_server, backend.commit)
+    nft_calls.heal()
+    assert nft_calls.calls()[-1] == CHANGE  # not tried again
+    later = Ban(net("198.51.100.9/32"), "r", now, now + 600)
+    backend.ban([later])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [LIST, CHANGE] and done.added == (later,)
+
+
+def test_nftables_mirror_without_listing_after_timeouts(lab: Any, in_server: Any,
+                                                        nft_calls: FaultyCommand) -> None:
+    """Bans the kernel has ended are planned around without a listing: not deleted, not
+    covering, their keys added again."""
+    backend = NftablesBackend([53], ["udp", "tcp"])
+    now = time.time()
+    gone = Ban(net("203.0.113.0/24"), "r", now, now + 1.2)
+    hop = Ban(net("198.51.100.8/32"), "r", now, now + 1.2, hops(64))
+    in_server(_apply, backend, [gone, hop])
+    time.sleep(now + 1.2 + 2 * 1.0 + 1.5 - time.time())
+    inside = Ban(net("203.0.113.0/25"), "r", now, now + 600)
+    back = replace(hop, expires=now + 600)
+    backend.ban([inside, back])
+    backend.unban([gone.target])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [CHANGE]
+    assert set(done.added) == {inside, back} and not done.removed
+    assert {ib.target: ib.rule for ib in in_server(backend.list)} == {
+        inside.target: "r", back.target: "r"}
+
+
+def test_nftables_old_counters_are_read_again(lab: Any, in_server: Any,
+                                              nft_calls: FaultyCommand,
+                                              send_queries: Callable[[str, int], None],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replaced ban carries its counter on: from a listing just made when the mirror's
+    counters are old."""
+    lab.add_client_address("198.51.100.7")
+    backend = NftablesBackend([53], ["udp", "tcp"])
+    now = time.time()
+    first = Ban(net("198.51.100.7/32"), "r", now, now + 60)
+    in_server(_apply, backend, [first])
+    send_queries("198.51.100.7", 5)
+    time.sleep(0.3)
+    monkeypatch.setattr(floodd.enforce.firewall.nftables, "COUNTERS_FRESH", 0.0)
+    backend.ban([replace(first, expires=now + 600)])
+    _, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [LIST, CHANGE]
+    assert in_server(backend.list)[0].packets == 5
+
+
+def test_nftables_gates_follow_without_listing(lab: Any, in_server: Any,
+                                               nft_calls: FaultyCommand) -> None:
+    """A gate outlives its network's last qtype ban; a wider qtype ban replaces it, a
+    longer one renews it, each in one transaction."""
+    backend = NftablesBackend([53], ["udp", "tcp"])
+    now = time.time()
+    narrow = Ban(net("203.0.113.0/25"), "r", now, now + 600, qtype(ANY))
+    address = Ban(net("198.51.100.7/32"), "r", now, now + 600, qtype(ANY))
+    in_server(_apply, backend, [narrow, address])
+    backend.unban([narrow.target, address.target])
+    assert _calls_during(nft_calls, in_server, backend.commit)[1] == [CHANGE]
+    wide = Ban(net("203.0.113.0/24"), "r", now, now + 1200, qtype(ANY))
+    longer = Ban(net("198.51.100.7/32"), "r", now, now + 3600, qtype(TXT))
+    backend.ban([wide, longer])
+    done, calls = _calls_during(nft_calls, in_server, backend.commit)
+    assert calls == [CHANGE] and set(done.added) == {wide, longer}
+    gates = in_server(backend.state).gates
+    assert set(gates) == {net("203.0.113.0/24"), net("198.51.100.7/32")}
+    assert gates[net("203.0.113.0/24")] >= now + 1200 + GATE_MARGIN - 1
+    assert gates[net("198.51.100.7/32")] >= now + 3600 + GATE_MARGIN - 1

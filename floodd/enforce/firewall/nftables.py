@@ -55,10 +55,11 @@ match past the question: an EDNS OPT record with N < 256 bytes of options reads
 with dig); the two bytes after that length are option data, never ``00 01`` for a cookie
 option (its code is 10).  Queries of a class other than IN pass a qtype ban.  The gate keeps the
 255 lookups off every other source's queries; a gate element's timeout is the longest
-qtype ban of its network (plus a minute), and ``add element`` refreshes it.  Gates are
-never deleted (they drop nothing; an unneeded one costs only CPU until it times out),
-except a prefix gate inside a new wider one, which the interval set would refuse beside
-it.
+qtype ban of its network (plus a minute).  Gates are never deleted (they drop nothing; an
+unneeded one costs only CPU until it times out), except a prefix gate inside a new wider
+one, which the interval set would refuse beside it, and a gate given a later end, which
+is deleted and added again: ``add element`` of an element already there leaves its comment
+and counter as they are, and renews its timeout only on recent kernels (6.18 does).
 
 Sets and their costs (nft 1.0.6): addresses and prefixes live in separate sets because
 interval sets delete elements in quadratic time (removing 9,000 of 10,000 took 13.5 s,
@@ -88,10 +89,19 @@ its elements.
 
 Every change is one ``nft -f -`` transaction fed on stdin (the text syntax: nft 1.0.6's JSON
 input ignores element counters, which a replaced ban must carry over), planned against a
-listing taken just before it (an element's counter and a prefix's overlaps must be read from
-the kernel).  Replacing an element (a new expiry or rule) is a delete and an add in the same
-transaction.  Reading is one ``nft -j list table inet floodd``.  Every ``nft`` runs with
-floodd's command timeout.
+:class:`Mirror` of the table: the last listing, changed by each commit since, with when the
+kernel's timeouts end each element.  The first commit lists the table, as does one that
+would delete or rely on an element whose timeout may just have fired, or carry counters
+read more than :data:`COUNTERS_FRESH` seconds ago; a transaction nft refuses (the table was
+changed by someone else) is planned again against a listing and tried once more.
+Replacing an element (a new expiry or rule) is a delete and an add in the same transaction.
+Reading is one ``nft -j list table inet floodd``.  Every ``nft`` runs with floodd's command
+timeout.
+
+Large changes cost the kernel, not nft: removing an element from a concatenated interval
+set (hop, qtype) takes time in proportion to the set's size, so replacing 3,000 hop bans
+(6,000 elements deleted and added again) took 4.2 s of system time with nft 1.0.6 on Linux
+6.18, one statement or 6,000 alike; adding them took 0.08 s, whole-source bans 0.3 s.
 """
 
 from __future__ import annotations
@@ -168,6 +178,9 @@ class SetBan:
     ban: InstalledBan
     set: str
     keys: tuple[str, ...]
+    # Seconds until the last of its elements times out (``ban.remaining``: the first);
+    # None when one has no timeout.
+    lasts: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -372,8 +385,9 @@ def _parse_set(name: str, items: list[dict[str, Any]], now: float) -> list[SetBa
                 continue
             scope = Scope(True, qtype, spared)
         elems = [e for e, _, _ in found]
+        lasts = max(float(e.get("expires", math.inf)) for e in elems)
         bans.append(SetBan(_installed(network, scope, elems, now), name,
-                           tuple(k for _, _, k in found)))
+                           tuple(k for _, _, k in found), None if math.isinf(lasts) else lasts))
     return bans
 
 
@@ -420,6 +434,10 @@ class Transaction:
     add: tuple[tuple[Ban, int, int], ...]  # ban, packets, bytes to start its counter at
     gate_delete: tuple[Network, ...] = ()
     gate_add: tuple[tuple[Network, float], ...] = ()
+    # What else the plan took from the bans it was given: those a new ban was skipped for
+    # (they cover it), and those deleted whose counters new bans carry on.
+    kept: tuple[SetBan, ...] = ()
+    carried: tuple[SetBan, ...] = ()
 
     def committed(self) -> Committed:
         """What the kernel holds differently once the transaction is applied."""
@@ -451,6 +469,8 @@ class _Plan:
         self.by_target: dict[Target, list[_Slot]] = {}
         self.delete: list[SetBan] = []
         self.adds: dict[Target, _Slot] = {}
+        self.kept: list[SetBan] = []
+        self.carried: list[SetBan] = []
         for kb in installed:
             ib = kb.ban
             self._put((kb.set, ib.scope.qtype),
@@ -490,9 +510,10 @@ class _Plan:
         wider = [members[sup] for length in self.lengths.get(group, ())
                  if length <= net.prefixlen
                  and (sup := net.supernet(new_prefix=length)) in members]
-        if any(s.target != ban.target and (s.target.network != net
-                                           or s.target.scope.covers(ban.scope))
-               for s in wider):
+        covering = [s for s in wider if s.target != ban.target
+                    and (s.target.network != net or s.target.scope.covers(ban.scope))]
+        if covering:
+            self.kept += [s.kernel for s in covering if s.kernel is not None]
             return
         inside = [s for n, s in members.items() if n != net and _inside(n, net)] \
             if _is_prefix(net) else []
@@ -501,21 +522,23 @@ class _Plan:
             if old in self.by_target.get(old.target, ()):
                 slot.packets += old.packets
                 slot.bytes += old.bytes
+                if old.kernel is not None:
+                    self.carried.append(old.kernel)
                 self.drop(old)
         self._put(group, slot)
         self.adds[ban.target] = slot
 
     def gates(self, installed: Mapping[Network, float]) -> tuple[list[Network],
                                                                  list[tuple[Network, float]]]:
-        """Gate elements to delete and to add or refresh, so that every qtype ban's
-        network is gated until the ban ends."""
+        """Gate elements to delete and to add, so that every qtype ban's network is gated
+        until the ban ends; a gate given a later end is deleted and added again."""
         needed: dict[Network, float] = {}
         for (name, _), members in self.groups.items():
             if name in QTYPE_CHAINS:
                 for net, slot in members.items():
                     needed[net] = max(needed.get(net, -math.inf), slot.expires)
-        adds = [(net, ends + GATE_MARGIN) for net, ends in needed.items()
-                if not _is_prefix(net) and installed.get(net, -math.inf) < ends]
+        adds = {net: ends + GATE_MARGIN for net, ends in needed.items()
+                if not _is_prefix(net) and installed.get(net, -math.inf) < ends}
         live = {net: ends for net, ends in installed.items() if _is_prefix(net)}
         deletes = []
         for net, ends in sorted(((n, e) for n, e in needed.items() if _is_prefix(n)),
@@ -523,14 +546,14 @@ class _Plan:
             wider = next((g for g in live if _inside(net, g)), None)
             if wider is not None:
                 if live[wider] < ends:
-                    live[wider] = ends + GATE_MARGIN
-                    adds.append((wider, live[wider]))
+                    live[wider] = adds[wider] = ends + GATE_MARGIN
                 continue
+            # widest first: a gate inside this one is never one added by this plan
             inside = [g for g in live if _inside(g, net)]
             deletes += inside
-            live[net] = max([ends + GATE_MARGIN, *(live.pop(g) for g in inside)])
-            adds.append((net, live[net]))
-        return deletes, adds
+            live[net] = adds[net] = max([ends + GATE_MARGIN, *(live.pop(g) for g in inside)])
+        deletes += [net for net in adds if net in installed]
+        return deletes, list(adds.items())
 
 
 def plan_commit(pending: Mapping[Target, Ban | None], installed: Iterable[SetBan],
@@ -550,14 +573,24 @@ def plan_commit(pending: Mapping[Target, Ban | None], installed: Iterable[SetBan
     return Transaction(tuple(plan.delete),
                        tuple((s.ban, s.packets, s.bytes) for s in plan.adds.values()
                              if s.ban is not None),
-                       tuple(gate_delete), tuple(gate_add))
+                       tuple(gate_delete), tuple(gate_add), tuple(plan.kept),
+                       tuple(plan.carried))
+
+
+def _timeout_ms(ends: float, now: float) -> int | None:
+    """The timeout in ms of an element that ends at unix time ``ends`` (None: never)."""
+    if math.isinf(ends):
+        return None  # a gate of a ban without a timeout (added by hand)
+    return max(1000, round((ends - now) * 1000))
 
 
 def _timeout(ends: float, now: float) -> str:
-    """The timeout of an element that ends at unix time ``ends`` (none: never)."""
-    if math.isinf(ends):
-        return ""  # a gate of a ban without a timeout (added by hand)
-    return f" timeout {max(1000, round((ends - now) * 1000))}ms"
+    ms = _timeout_ms(ends, now)
+    return "" if ms is None else f" timeout {ms}ms"
+
+
+def _gate_set(net: Network) -> str:
+    return f"qgate{net.version}net" if _is_prefix(net) else f"qgate{net.version}"
 
 
 def render_commit(plan: Transaction, table: str, now: float) -> str:
@@ -566,7 +599,7 @@ def render_commit(plan: Transaction, table: str, now: float) -> str:
     for kb in plan.delete:
         gone.setdefault(kb.set, []).extend(kb.keys)
     for net in plan.gate_delete:
-        gone.setdefault(f"qgate{net.version}net", []).append(element(net))
+        gone.setdefault(_gate_set(net), []).append(element(net))
     new: dict[str, list[str]] = {}
     for ban, packets, bytes_ in plan.add:
         comment = f'{_timeout(ban.expires, now)} comment "{ban_comment(ban)}"'
@@ -576,13 +609,107 @@ def render_commit(plan: Transaction, table: str, now: float) -> str:
                 if i == 0 and (packets or bytes_) else ""
             new.setdefault(set_of(ban.target), []).append(f"{key}{counter}{comment}")
     for net, ends in plan.gate_add:
-        name = f"qgate{net.version}net" if _is_prefix(net) else f"qgate{net.version}"
-        new.setdefault(name, []).append(f"{element(net)}{_timeout(ends, now)}")
+        new.setdefault(_gate_set(net), []).append(f"{element(net)}{_timeout(ends, now)}")
     lines = [f"delete element inet {table} {name} {{ {', '.join(elems)} }}"
              for name, elems in gone.items()]
     lines += [f"add element inet {table} {name} {{ {', '.join(elems)} }}"
               for name, elems in new.items()]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+# --- what the table holds -------------------------------------------------------------
+# Seconds of doubt around the moment the kernel's timeout ends an element, beyond what the
+# mirror can bound (the kernel's clock ticks; listings give whole seconds, rounded down).
+DOUBT = 1.0
+# Seconds a listing's counters are used to carry a replaced ban's counter on: a rescan
+# lists just before it extends bans.  Older, the commit lists again (the packets dropped
+# since would be lost).
+COUNTERS_FRESH = 2.0
+
+
+@dataclass(frozen=True)
+class _Held:
+    """An element (a ban, a gate) in the mirror and the window, on the monotonic clock,
+    in which its kernel timeout ends it."""
+
+    first: float  # it may be gone from here on
+    gone: float  # it is gone from here on
+
+    @staticmethod
+    def within(first: float | None, last: float | None, started: float,
+               finished: float) -> _Held:
+        """Timeouts of ``first`` .. ``last`` seconds (None: none) seen or set by an nft
+        run between ``started`` and ``finished``."""
+        return _Held(math.inf if first is None else started + first - DOUBT,
+                     math.inf if last is None else finished + last + 1 + DOUBT)
+
+
+class Mirror:
+    """What floodd's table holds, as last listed and changed since by floodd's commits:
+    each ban (its set and keys) and gate, with when the kernel ends it.
+
+    The kernel ends elements by itself; an element the mirror has that may have timed out
+    (its window has begun) is in doubt.  An element surely gone is left out of plans: it
+    is neither deleted (nft refuses to delete an element that is not there, failing the
+    whole transaction) nor taken to cover a new ban.  A plan that deletes one in doubt,
+    or skips a ban for one, is made again against a listing.  Changes made by others
+    (an operator's ``nft``) are seen at the next listing; until then a transaction they
+    make wrong is refused by nft and planned again against a listing.
+    """
+
+    def __init__(self, state: TableState, started: float, finished: float,
+                 wall: float) -> None:
+        """The mirror of a listing run from ``started`` to ``finished`` (monotonic) and
+        parsed at unix time ``wall``."""
+        self.exists = state.exists
+        self.counted = finished  # when the bans' counters were read
+        self.bans = {(kb.set, kb.keys): (kb, _Held.within(kb.ban.remaining, kb.lasts,
+                                                          started, finished))
+                     for kb in state.kernel_bans}
+        self.gates: dict[Network, tuple[float, _Held]] = {}
+        for net, ends in state.gates.items():
+            left = None if math.isinf(ends) else ends - wall
+            self.gates[net] = (ends, _Held.within(left, left, started, finished))
+
+    def plan(self, pending: Mapping[Target, Ban | None], now: float,
+             listed: bool) -> Transaction | None:
+        """The transaction of ``pending`` against the mirror at ``now`` (monotonic); None
+        when it needs a listing first (``listed``: it was just listed)."""
+        self.bans = {k: v for k, v in self.bans.items() if v[1].gone > now}
+        self.gates = {k: v for k, v in self.gates.items() if v[1].gone > now}
+        plan = plan_commit(pending, (kb for kb, _ in self.bans.values()),
+                           {net: ends for net, (ends, _) in self.gates.items()})
+        if listed:
+            return plan
+        doubt = [self.bans[kb.set, kb.keys][1] for kb in (*plan.delete, *plan.kept)]
+        doubt += [self.gates[net][1] for net in plan.gate_delete if net in self.gates]
+        if any(held.first <= now for held in doubt):
+            return None
+        if plan.carried and now - self.counted > COUNTERS_FRESH:
+            return None
+        return plan
+
+    def applied(self, plan: Transaction, started: float, finished: float,
+                wall: float) -> None:
+        """``plan`` was committed by an nft run from ``started`` to ``finished``
+        (monotonic), its timeouts reckoned from unix time ``wall``."""
+        for kb in plan.delete:
+            self.bans.pop((kb.set, kb.keys), None)
+        for ban, packets, bytes_ in plan.add:
+            kb = SetBan(InstalledBan(ban.network, ban.rule, ban.since, ban.expires, packets,
+                                     bytes_, scope=ban.scope),
+                        set_of(ban.target), element_keys(ban.target))
+            left = _seconds(_timeout_ms(ban.expires, wall))
+            self.bans[kb.set, kb.keys] = (kb, _Held.within(left, left, started, finished))
+        for net in plan.gate_delete:
+            self.gates.pop(net, None)
+        for net, ends in plan.gate_add:
+            left = _seconds(_timeout_ms(ends, wall))
+            self.gates[net] = (ends, _Held.within(left, left, started, finished))
+
+
+def _seconds(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000
 
 
 # --- the backend ----------------------------------------------------------------------
@@ -600,6 +727,9 @@ class NftablesBackend(Buffered):
         self.scope = scope
         self.table = table
         self.configure(ports, protocols)
+        # What the table holds, planned against without listing it (None: unknown,
+        # the next commit lists it).
+        self._mirror: Mirror | None = None
         super().__init__()
 
     def configure(self, ports: Sequence[int], protocols: Sequence[str]) -> None:
@@ -666,47 +796,71 @@ class NftablesBackend(Buffered):
 
     def setup(self) -> None:
         _nft(["-f", "-"], self.setup_script())
+        if self._mirror is not None and not self._mirror.exists:
+            self._mirror = None  # a new table: the next commit lists it
 
     def commit(self) -> Committed:
-        """One listing (to plan against what the kernel holds), then one transaction;
-        retried once on a fresh listing if nft refuses it.
+        """One transaction, planned against the mirror of the table; the first commit,
+        and one the mirror cannot plan for sure, list the table first.  If nft refuses
+        the transaction, it is planned again against a listing and tried once more.
 
-        A retry covers the race with the kernel: an element whose timeout fires between the
-        listing and the transaction makes its delete fail.  An nft that hangs is not tried
-        again.  A ban covered by one in place is not added (see :func:`plan_commit`): it
-        is missing from the result's ``added``.
+        A retry covers what the mirror cannot know: a ban or gate removed by someone else,
+        or an element whose timeout fired just before the transaction, makes its delete
+        fail.  An nft that hangs is not tried again (and the table is listed before the
+        next commit).  A ban covered by one in place is not added (see
+        :func:`plan_commit`): it is missing from the result's ``added``.
         """
         pending = self._take()
         if not pending:
             return Committed((), ())
         try:
-            return self._apply(pending)
+            try:
+                return self._apply(pending, self._mirror is None)
+            except CommandTimeout:
+                raise
+            except FlooddError:
+                return self._apply(pending, True)
         except CommandTimeout:
+            self._mirror = None  # the transaction may or may not have been applied
             raise
-        except FlooddError:
-            return self._apply(pending)
 
-    def _apply(self, pending: Mapping[Target, Ban | None]) -> Committed:
-        state = self.state()
-        if not state.exists:
+    def _apply(self, pending: Mapping[Target, Ban | None], list_first: bool) -> Committed:
+        if list_first:
+            self.state()
+        mirror = self._mirror
+        if mirror is None or not mirror.exists:
             raise Failure(f"nftables table inet {self.table} does not exist "
-                              "(the firewall is not set up)")
-        plan = plan_commit(pending, state.kernel_bans, state.gates)
-        script = render_commit(plan, self.table, time.time())
+                          "(the firewall is not set up)")
+        plan = mirror.plan(pending, time.monotonic(), list_first)
+        if plan is None:
+            return self._apply(pending, True)
+        wall = time.time()
+        script = render_commit(plan, self.table, wall)
         if script:
+            started = time.monotonic()
             _nft(["-f", "-"], script)
+            mirror.applied(plan, started, time.monotonic(), wall)
         return plan.committed()
 
     def state(self) -> TableState:
-        """Table, sets, rules, bans and gates in one ``nft -j list table`` call."""
+        """Table, sets, rules, bans and gates in one ``nft -j list table`` call (the
+        mirror becomes what it shows)."""
+        self._mirror = None
+        started = time.monotonic()
         proc = _nft(["-j", "list", "table", "inet", self.table], missing_ok=True)
+        finished = time.monotonic()
+        wall = time.time()
         if proc is None:
-            return ABSENT
-        try:
-            data = json.loads(proc)
-        except json.JSONDecodeError:
-            raise Failure("nft -j list table printed something that is not JSON") from None
-        return parse_table(data, self.table, time.time())
+            state = ABSENT
+        else:
+            try:
+                data = json.loads(proc)
+            except json.JSONDecodeError:
+                raise Failure("nft -j list table printed something that is not "
+                              "JSON") from None
+            state = parse_table(data, self.table, wall)
+        self._mirror = Mirror(state, started, finished, wall)
+        return state
 
     def list(self) -> list[InstalledBan]:
         return list(self.state().bans)
@@ -715,6 +869,7 @@ class NftablesBackend(Buffered):
         return self.state().complete
 
     def teardown(self) -> None:
+        self._mirror = None
         # adding the table first makes the delete succeed when it does not exist
         _nft(["-f", "-"], f"add table inet {self.table}\ndelete table inet {self.table}\n")
 
