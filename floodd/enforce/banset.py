@@ -125,6 +125,14 @@ class BanSet:
     def targets(self) -> list[Target]:
         return list(self._mirror)
 
+    def deadline(self, target: Target) -> float:
+        """When ``target``'s ban ends (monotonic), as floodd last set or listed it."""
+        return self._mirror.deadline(target)
+
+    def packets(self, target: Target) -> int:
+        """``target``'s dropped packets at the last listing."""
+        return self._mirror.packets(target)
+
     def holder(self, network: Network) -> Network | None:
         """The banned prefix ``network`` lies in, if any."""
         return holder(network, (t.network for t in self._mirror))

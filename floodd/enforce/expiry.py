@@ -103,6 +103,10 @@ class BanTracker:
         """The ban of ``target`` as the kernel records it."""
         return self._watch[target].ban
 
+    def packets(self, target: Target) -> int:
+        """The ban's dropped packets, as last listed (0 for one floodd just made)."""
+        return self._watch[target].packets
+
     def deadline(self, target: Target) -> float:
         """When the ban of ``target`` ends (monotonic)."""
         return self._watch[target].deadline

@@ -205,9 +205,11 @@ class Daemon:
         # decides at once (at most every daemon.react_delay) instead of at the tick.
         self._crossed = threading.Event()
         self._last_react = 0.0
-        # How busy each banned target was when banned (its rule's rate), for choosing
-        # the heaviest ones to keep out of the capture.
+        # How busy each ban is (packets/s: its rule's rate when made, then its kernel
+        # counter's growth between rescans), for choosing the heaviest ones to keep out of
+        # the capture; and its counter at the last rescan (monotonic time, packets).
         self._heat: dict[Target, float] = {}
+        self._drops: dict[Target, tuple[float, int]] = {}
         self._excluded: tuple[Target, ...] = ()
         self.own: list[Network] = []
         self.control: ControlServer | None = None
@@ -333,7 +335,7 @@ class Daemon:
                                  self._state_failed)
         backend, self.backend_note = self._make_backend(cfg)
         self.bans.start(at, backend)  # adopts the bans in the kernel, changes none
-        self._update_exclusions()
+        self._update_exclusions(at.mono)
         self._start_captures(self._open_captures(cfg))
 
     def _make_backend(self, cfg: Config) -> tuple[Backend, str]:
@@ -446,7 +448,7 @@ class Daemon:
         for trig, _ in decided.bans:
             if trig.target in added:
                 self._heat[trig.target] = trig.rate
-        self._update_exclusions()
+        self._update_exclusions(at.mono)
         with self.lock:  # the evidence is used up: a ban that ends is not made again on it
             for net, _ in added:
                 if net.prefixlen == net.max_prefixlen:
@@ -517,7 +519,8 @@ class Daemon:
         done = self.bans.rescan(at)
         if done is None:
             return  # the firewall did not answer: left alone for a while
-        self._update_exclusions()
+        self._measure_heat(at.mono)
+        self._update_exclusions(at.mono)
         if done.set_up or done.restored:
             why = ("floodd's firewall table is gone" if done.set_up else
                    f"{len(done.restored)} bans vanished from the firewall")
@@ -568,7 +571,7 @@ class Daemon:
         if self.state is not None:
             self.state.state_dir = new.daemon.state_dir
             self.state.forget_after = new.firewall.max_ban_time
-        self._update_exclusions()
+        self._update_exclusions(time.monotonic())
         if self.bans.started:
             try:  # the drop rules follow capture.ports and capture.protocols
                 self.bans.configure(new.firewall, new.capture.ports, new.capture.protocols)
@@ -735,7 +738,7 @@ class Daemon:
             raise FlooddError(f"ban: refusing to ban {network}: {reason} "
                               "(use --force to ban it anyway)")
         done = self.bans.ban(at, [NewBan(network, req.reason, req.seconds)])
-        self._update_exclusions()
+        self._update_exclusions(at.mono)
         ban = next((b for b in done.added if b.target == (network, WHOLE)), None)
         if ban is None:
             holder = self.bans.holder(network)
@@ -749,7 +752,7 @@ class Daemon:
 
     def _operator_unban(self, at: Instant, req: UnbanRequest) -> dict[str, Any]:
         gone = self.bans.unban(at, None if req.network is None else [req.network])
-        self._update_exclusions()
+        self._update_exclusions(at.mono)
         if req.network is not None and not gone:
             raise Failure(f"unban: {req.network} is not banned")
         with self.lock:
@@ -771,15 +774,33 @@ class Daemon:
         self.log.warning(f"cannot save state in {self.config.daemon.state_dir}: "
                          f"{exc.strerror or exc}")
 
-    def _update_exclusions(self) -> None:
+    def _measure_heat(self, mono: float) -> None:
+        """After a listing: each ban's packets/s dropped since the previous rescan."""
+        drops: dict[Target, tuple[float, int]] = {}
+        for target in self.bans.targets():
+            packets = self.bans.packets(target)
+            last = self._drops.get(target)
+            if last is not None and mono > last[0] and packets >= last[1]:
+                self._heat[target] = (packets - last[1]) / (mono - last[0])
+            drops[target] = (mono, packets)
+        self._drops = drops
+
+    def _update_exclusions(self, mono: float) -> None:
         """Hand the capture threads the heaviest bans whose packets the kernel drops
         whatever their content (all of a source's queries, or its UDP ones, at any or at
         unusual TTL/hop limits): counting those packets teaches floodd nothing the ban
-        counters do not say.  Bans of one query type stay in the capture."""
-        limit = self.config.capture.exclude_banned
+        counters do not say.  Bans of one query type stay in the capture.
+
+        Only bans that a rescan will see again before they end are left out: the kernel
+        may end a ban by its timeout, and its packets must then be counted again; each
+        rescan extends active bans and comes here again."""
+        cfg = self.config
+        limit = cfg.capture.exclude_banned
+        horizon = mono + cfg.firewall.rescan_interval + cfg.daemon.tick + 1.0
         banned = [t for t in self.bans.targets() if t.scope.qtype is None]
         self._heat = {t: self._heat.get(t, 0.0) for t in banned}
-        chosen = tuple(sorted(banned, key=self._heat.__getitem__, reverse=True)[:limit]) \
+        lasting = [t for t in banned if self.bans.deadline(t) > horizon]
+        chosen = tuple(sorted(lasting, key=self._heat.__getitem__, reverse=True)[:limit]) \
             if limit else ()
         if chosen == self._excluded:
             return
