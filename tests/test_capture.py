@@ -9,6 +9,9 @@ import socket
 import struct
 import subprocess
 import sys
+import time
+from collections import Counter
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,12 @@ import pytest
 
 from lab import load, synth
 from lab.netns import Lab
+from floodd.detect.bpf import BPF_MAXINSNS, attached
 from floodd.detect.capture import LiveCapture, OfflineCapture, build_filter, sent_by_host
 from floodd.config import CaptureConfig
 from floodd.errors import FlooddError
 from floodd.detect.parse import F_FRAGMENT, F_VERIFIED, Record
+from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 
 from test_parse import PCAPS
 ROOT = os.geteuid() == 0
@@ -413,3 +418,207 @@ def test_live_capture_in_namespaces(dns_lab: Lab, in_client: Any, wait_for: Any,
     assert syn_acks >= 3, result
     assert result["received"] >= result["frames"] and result["dropped"] == 0
     assert result["monotonic"]  # stamped with the monotonic clock at the read, not the wall
+
+
+# Leaving banned sources out and sampling, on a live capture of the lab's server veth
+# (no BIND needed: the capture sees frames whatever answers them).  The capture lives
+# in the server namespace (its sockets there), frames leave from the client's end.
+
+def _paced(ifname: str, frames: list[bytes]) -> None:
+    """Send ``frames`` a hundred at a time: a burst would overflow the veth's backlog."""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((ifname, 0))
+        for i, data in enumerate(frames):
+            sock.send(data)
+            if i % 100 == 99:
+                time.sleep(0.002)
+
+
+def _drain(cap: LiveCapture) -> list[tuple[str, int]]:
+    """(source, weight) of each record read until the capture has been idle a while."""
+    family = {4: socket.AF_INET, 16: socket.AF_INET6}
+    got: list[tuple[str, int]] = []
+    idle = 0
+    deadline = time.monotonic() + 20
+    while idle < 4 and time.monotonic() < deadline:
+        batch = cap.read(0.1)
+        idle = 0 if batch.frames else idle + 1
+        got += [(socket.inet_ntop(family[len(r[1])], r[1]), cap.weight) for r in batch.records]
+    return got
+
+
+class LabCapture:
+    """A LiveCapture of the server veth, driven from the server namespace."""
+
+    def __init__(self, lab: Lab, in_server: Any, in_client: Any, **kw: Any) -> None:
+        self.lab, self.in_server, self.in_client = lab, in_server, in_client
+        self.wire = load.lab_wire(lab)
+        self.cap: LiveCapture = in_server(LiveCapture, lab.server_if,
+                                          CaptureConfig(batch_size=256), **kw)
+
+    def frame(self, packet: bytes, vlan: tuple[int, ...] = ()) -> bytes:
+        return self.wire.server_mac + self.wire.client_mac + synth.link_frame(
+            packet, vlan=vlan)[12:]
+
+    def send(self, frames: list[bytes]) -> None:
+        self.in_client(_paced, self.lab.client_if, frames)
+
+    def exchange(self, frames: list[bytes]) -> tuple[int, list[tuple[str, int]]]:
+        """Send ``frames``, read what comes: (packets the capture received, records)."""
+        before = self.cap.stats().received
+        self.send(frames)
+        got = self.in_server(_drain, self.cap)
+        return self.cap.stats().received - before, got
+
+    def close(self) -> None:
+        self.in_server(self.cap.close)
+
+
+@pytest.fixture
+def lab_capture(lab: Lab, in_server: Any, in_client: Any) -> Any:
+    made: list[LabCapture] = []
+
+    def make(**kw: Any) -> LabCapture:
+        made.append(LabCapture(lab, in_server, in_client, **kw))
+        return made[-1]
+    yield make
+    for capture in made:
+        capture.close()
+
+
+def _udp(source: str, count: int, ttl: int = 64) -> list[bytes]:
+    server = Lab.server_v6 if ":" in source else Lab.server_v4
+    return [synth.udp_datagram(source, server, synth.dns_query("www.lab.example", "A", i),
+                               1024 + i, ttl=ttl) for i in range(count)]
+
+
+def _syns(source: str, count: int) -> list[bytes]:
+    return [synth.tcp_segment(source, Lab.server_v4, b"", 2000 + i, flags=SYN)
+            for i in range(count)]
+
+
+def _ban(network: str, scope: Scope = WHOLE) -> Target:
+    return Target(ip_network(network), scope)
+
+
+@needs_root
+def test_live_exclude(lab_capture: Any) -> None:
+    """Excluded bans' packets no longer reach the capture (the kernel's received count),
+    exactly those the bans drop: a UDP-only ban's TCP and a ban's spared hop value still
+    pass, a qtype ban is not excluded, and only ``exclude_max`` bans apply."""
+    c = lab_capture(exclude_max=5)
+    bans = [_ban("198.18.0.1/32"), _ban("198.18.0.2/32", UDP_ONLY),
+            _ban("198.18.0.3/32", Scope(True, None, (64,))),
+            _ban("198.18.0.5/32", Scope(True, 255)), _ban("203.0.113.0/24"),
+            _ban("2001:db8:1::1/128"), _ban("198.18.0.6/32")]
+    left_out = [*_udp("198.18.0.1", 10), *_syns("198.18.0.1", 3), *_udp("198.18.0.2", 10),
+                *_udp("198.18.0.3", 10, ttl=50), *_udp("203.0.113.9", 10),
+                *_udp("2001:db8:1::1", 10)]
+    passing = [*_syns("198.18.0.2", 3), *_udp("198.18.0.3", 10, ttl=64),
+               *_udp("198.18.0.5", 4), *_udp("198.18.0.6", 4), *_udp("198.51.100.7", 10),
+               *_udp("2001:db8:1::2", 4)]
+    tagged_out = [c.frame(p, (11,)) for p in _udp("198.18.0.1", 3)]
+    tagged_in = [c.frame(p, (11,)) for p in _udp("198.51.100.7", 3)]
+    frames = [c.frame(p) for p in left_out + passing] + tagged_out + tagged_in
+    assert c.in_server(c.cap.exclude, bans) == 5
+    program = attached(c.cap._fd)
+    assert c.in_server(c.cap.exclude, list(bans)) == 5  # the same again: nothing changes
+    assert attached(c.cap._fd) == program
+    received, got = c.exchange(frames)
+    assert received == len(passing) + len(tagged_in) == len(got), Counter(got)
+    assert Counter(s for s, _ in got) == Counter(
+        {"198.18.0.2": 3, "198.18.0.3": 10, "198.18.0.5": 4, "198.18.0.6": 4,
+         "198.51.100.7": 13, "2001:db8:1::2": 4})
+    assert c.in_server(c.cap.exclude, []) == 0  # the plain filter again
+    received, got = c.exchange(frames)
+    assert received == len(frames) == len(got)
+
+
+@needs_root
+def test_live_exclude_keeps_what_the_ring_holds(lab_capture: Any) -> None:
+    """A new filter is not run over packets already in the ring: the excluded source's
+    queries that arrived before are still read, and nothing else is lost."""
+    c = lab_capture()
+    banned, other = "198.18.0.1", "198.51.100.7"
+    c.send([c.frame(p) for p in _udp(banned, 50) + _udp(other, 50)])
+    time.sleep(0.1)  # through the kernel's filter, not read
+    c.in_server(c.cap.exclude, [_ban(f"{banned}/32")])
+    received, got = c.exchange([c.frame(p) for p in _udp(banned, 50) + _udp(other, 50)])
+    assert Counter(s for s, _ in got) == {banned: 50, other: 100}
+    assert received == 50  # since the change: the other source's only
+
+
+@needs_root
+def test_live_sampling(lab_capture: Any) -> None:
+    """1 in 4 kept at random by the kernel, each record standing for 4; with exclusions
+    in the same program; back to every packet at 1."""
+    c = lab_capture()
+    other, banned = "198.51.100.7", "198.18.0.1"
+    c.in_server(c.cap.sample, 4)
+    assert c.cap.sampling == 4
+    received, got = c.exchange([c.frame(p) for p in _udp(other, 4000)])
+    # 1,000 expected, standard deviation ~27.
+    assert 700 < received < 1300 and len(got) == received, received
+    assert {w for _, w in got} == {4}
+    assert c.in_server(c.cap.exclude, [_ban(f"{banned}/32")]) == 1
+    assert attached(c.cap._fd)[:2] == [(0x20, 0, 0, 0xFFFFF038), (0x54, 0, 0, 3)]
+    received, got = c.exchange([c.frame(p) for p in _udp(banned, 2000) + _udp(other, 2000)])
+    assert 300 < received < 700 and {s for s, _ in got} == {other}, received
+    c.in_server(c.cap.sample, 1)
+    received, got = c.exchange([c.frame(p) for p in _udp(banned, 200) + _udp(other, 200)])
+    assert received == 200 and Counter(got) == {(other, 1): 200}
+
+
+@needs_root
+def test_live_sampling_change_weighs_the_backlog_apart(lab_capture: Any) -> None:
+    """Packets kept before a change of the rate and read after it count at the old
+    rate: a batch never mixes rates."""
+    c = lab_capture()
+    c.send([c.frame(p) for p in _udp("198.51.100.7", 300)])
+    time.sleep(0.1)
+    c.in_server(c.cap.sample, 4)
+    c.send([c.frame(p) for p in _udp("198.51.100.8", 2000)])
+    got = Counter(c.in_server(_drain, c.cap))
+    assert got[("198.51.100.7", 1)] == 300 and set(got) <= {("198.51.100.7", 1),
+                                                              ("198.51.100.8", 4)}
+    assert 300 < got[("198.51.100.8", 4)] < 700, got
+
+
+@needs_root
+def test_live_exclude_within_the_kernel_limit(lab_capture: Any) -> None:
+    """Too many bans for one program: the first ones (the heaviest) apply, the program
+    fits the kernel, the rest of the bans still reach the capture."""
+    c = lab_capture(exclude_max=600)
+    bans = [_ban(f"198.18.{i // 200}.{i % 200 + 1}/32", [WHOLE, UDP_ONLY,
+                                                         Scope(True, None, (64,))][i % 3])
+            for i in range(600)]
+    applied = c.in_server(c.cap.exclude, bans)
+    assert 0 < applied < len(bans)
+    assert len(attached(c.cap._fd)) <= BPF_MAXINSNS
+    c.in_server(c.cap.sample, 2)  # sampling still fits
+    c.in_server(c.cap.sample, 1)
+    last, first_left = bans[applied - 1].network, bans[applied].network
+    frames = [c.frame(p) for p in _udp(str(last.network_address), 20, ttl=50)
+              + _udp(str(first_left.network_address), 20, ttl=50)]
+    _, got = c.exchange(frames)
+    assert Counter(s for s, _ in got) == {str(first_left.network_address): 20}
+
+
+@needs_root
+def test_live_exclude_and_sample_errors() -> None:
+    with pytest.raises(FlooddError, match=r"^capture exclusions -1: expected a count, 0 or "
+                       r"more$"):
+        LiveCapture("lo", CaptureConfig(), exclude_max=-1)
+    cap = LiveCapture("lo", CaptureConfig(max_sampling=64), exclude_max=0)
+    try:
+        for n in (0, 3, 128, True):
+            with pytest.raises(FlooddError, match=rf"^capture sampling {n!r}: expected a "
+                               r"power of two from 1 to 64$"):
+                cap.sample(n)
+        with pytest.raises(FlooddError, match=r"^cannot exclude '198.18.0.1' from the "
+                           r"capture: not a ban$"):
+            cap.exclude(["198.18.0.1"])  # type: ignore[list-item]
+        assert cap.exclude([_ban("198.18.0.1/32")]) == 0  # exclusions off
+        assert cap.sampling == 1 and cap.weight == 1
+    finally:
+        cap.close()
