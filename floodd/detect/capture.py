@@ -64,7 +64,9 @@ from floodd.detect.parse import (
     Parser,
 )
 
-READ_TIMEOUT_MS = 50  # libpcap's buffering timeout; waits are done with select()
+# libpcap's buffering timeout (the kernel hands over a ring block holding packets when it
+# is this old): bounds how long a query waits to be counted.  Waits are done with select().
+READ_TIMEOUT_MS = 10
 # The kernel hands a ring block over when it is full or this old: a packet the old
 # program kept is in the ring by then.
 _RETIRED = 2 * READ_TIMEOUT_MS / 1000

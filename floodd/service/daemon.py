@@ -60,7 +60,7 @@ CHANGE_TIMEOUT = 30.0
 class CaptureWorker(threading.Thread):
     """Reads one packet source and counts every batch into the shared tables,
     stamped with ``time.monotonic()`` when it was read, with the weight of the
-    source's kernel sampling (1 in ``sampling`` packets).
+    source's kernel sampling (each packet read stands for ``weight`` packets).
 
     Only this thread touches the source (libpcap handles are not thread-safe): the
     kernel filter's exclusions are handed in with :meth:`exclude` and applied before
@@ -103,7 +103,8 @@ class CaptureWorker(threading.Thread):
                     break
                 now = time.monotonic()
                 if batch.records:
-                    self.count(now, batch, self.sampling)
+                    weight = self.source.weight if isinstance(self.source, LiveCapture) else 1
+                    self.count(now, batch, weight)
                 self.heartbeat = now
                 if now >= next_sample and self._control is not None:
                     spent = time.thread_time()
@@ -190,7 +191,8 @@ class Daemon:
         self.log = log
         self.notifier = notifier or Notifier()
         self.source_factory = source_factory or (
-            lambda iface, cfg: LiveCapture(iface, cfg.capture))
+            lambda iface, cfg: LiveCapture(iface, cfg.capture,
+                                           exclude_max=cfg.capture.exclude_banned))
         self.lock = threading.Lock()
         self.traffic = Traffic(config)
         self.workers: list[CaptureWorker] = []
@@ -795,7 +797,8 @@ class Daemon:
         may end a ban by its timeout, and its packets must then be counted again; each
         rescan extends active bans and comes here again."""
         cfg = self.config
-        limit = cfg.capture.exclude_banned
+        # A dry run's bans drop nothing: their packets must still be counted.
+        limit = 0 if self.backend_note.startswith("dry-run") else cfg.capture.exclude_banned
         horizon = mono + cfg.firewall.rescan_interval + cfg.daemon.tick + 1.0
         banned = [t for t in self.bans.targets() if t.scope.qtype is None]
         self._heat = {t: self._heat.get(t, 0.0) for t in banned}
