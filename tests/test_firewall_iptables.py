@@ -1,8 +1,8 @@
 """floodd.enforce.firewall.iptables against the real kernel, in the namespaces of conftest's lab.
 
 Every backend step runs in a child ``python`` started with ``ip netns exec`` in the
-lab's server namespace (python-iptables acts on the namespace of its process), so each
-step is a fresh floodd process that knows only what the kernel holds.  A ban is given
+lab's server namespace (python-iptables and ipset act on the namespace of their process),
+so each run is a fresh floodd process that knows only what the kernel holds.  A ban is given
 and shown as ``[network, rule, since, expires, scope]`` (scope in its text form, see
 floodd.scope), a target as ``[network, scope]``.
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import socket
 import struct
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 import pytest
@@ -27,7 +29,9 @@ from lab.netns import Lab
 Send = Callable[[str, int], None]
 WaitFor = Callable[..., bool]
 
-NOW = 1764000000.0
+# Whole seconds, now: whole-source and UDP-only bans get kernel timeouts from it.
+NOW = float(math.floor(time.time()))
+SETS = [f"floodd-{kind}{v}{net}" for v in "46" for kind in ("ban", "udp") for net in ("", "net")]
 NAME = "www.lab.example"
 # conftest's send_queries: DNS queries for www.lab.example/A (header, name, type, class),
 # counted by the kernel with their IP and UDP headers.
@@ -65,6 +69,9 @@ try:
         elif op == "list":
             result = sorted([str(b.network), b.rule, b.since, b.expires, b.scope.text(),
                              b.packets, b.bytes] for b in backend.list())
+        elif op == "remaining":
+            result = sorted([str(b.network), b.scope.text(), b.remaining]
+                            for b in backend.list())
         elif op == "commit":
             done = backend.commit()
             result = {"added": sorted([str(b.network), b.scope.text()] for b in done.added),
@@ -128,6 +135,16 @@ def filter_table(lab: Lab) -> list[str]:
             if not line.startswith("#"):
                 lines.append(f"{version} {_COUNTERS.sub('', line)}")
     return lines
+
+
+def set_entries(lab: Lab, name: str) -> list[str]:
+    """The ``add`` lines of ``ipset save NAME`` in the server namespace."""
+    return [line for line in legacy(lab, "ipset", "save", name).splitlines()
+            if line.startswith("add ")]
+
+
+def floodd_sets(lab: Lab) -> list[str]:
+    return sorted(set(legacy(lab, "ipset", "list", "-n").split()) & set(SETS))
 
 
 def tcp_connects(lab: Lab, source: str) -> bool:
@@ -206,6 +223,7 @@ def test_setup_is_idempotent_and_leaves_other_rules_alone(lab: Lab) -> None:
     before = filter_table(lab)
 
     assert run(lab, "present", "setup", "setup", "present") == [False, None, None, True]
+    assert floodd_sets(lab) == sorted(SETS)
     after = filter_table(lab)
     assert [line for line in after if "FLOODD" not in line] == before
     jumps = [line for line in after if "-j FLOODD" in line]
@@ -215,6 +233,11 @@ def test_setup_is_idempotent_and_leaves_other_rules_alone(lab: Lab) -> None:
         for v in "46" for p in ("udp", "tcp")]
     # floodd's jumps come first in INPUT, before the operator's rules.
     assert [line for line in after if " -A INPUT " in line][:2] == jumps[:2]
+    # One rule per set, address sets first, each family its own.
+    assert [line for line in after if " -A FLOODD " in line] == [
+        f"{v} -A FLOODD {'-p udp ' if kind == 'udp' else ''}-m set --match-set "
+        f'floodd-{kind}{v}{net} src -m comment --comment "floodd set floodd-{kind}{v}{net}" '
+        "-j DROP" for v in "46" for kind in ("ban", "udp") for net in ("", "net")]
 
     assert run(lab, "setup", "present", scope="all") == [None, True]
     assert [line for line in filter_table(lab) if "-j FLOODD" in line] == [
@@ -225,6 +248,7 @@ def test_setup_is_idempotent_and_leaves_other_rules_alone(lab: Lab) -> None:
     assert run(lab, "setup", ("ban", [ban]), "commit", "teardown", "present") == [
         None, None, committed([ban]), None, False]
     assert filter_table(lab) == before
+    assert floodd_sets(lab) == []
 
 
 def test_banned_source_gets_no_answer_until_unbanned(dns_lab: Lab, send_queries: Send,
@@ -281,7 +305,7 @@ def test_a_new_process_adopts_the_bans_and_a_re_ban_keeps_counters(
 
     # Times are kept in whole seconds (the expiry rounded down); a rule name comes back
     # as given, cut to fit the comment (the same one the nftables backend writes).
-    head = f"floodd since=1764000000 expires=1764000600 scope={bans[3][4]} rule="
+    head = f"floodd since={NOW:.0f} expires={NOW + 600:.0f} scope={bans[3][4]} rule="
     assert run(lab, "list") == [sorted([
         ["198.51.100.7/32", "query-flood", NOW, NOW + 600, "all", 0, 0],
         [*bans[1], 0, 0],
@@ -294,7 +318,8 @@ def test_a_new_process_adopts_the_bans_and_a_re_ban_keeps_counters(
     listed = run(lab, ("ban", [again]), "commit", "list")[2]
     assert [*again, 10, 10 * V4_PACKET] in listed
     assert len(listed) == 4
-    assert legacy(lab, "iptables-legacy", "-S", "FLOODD").count("-s 198.51.100.7/32") == 1
+    [entry] = [e for e in set_entries(lab, "floodd-ban4") if " 198.51.100.7 " in e]
+    assert f" packets 10 bytes {10 * V4_PACKET} " in entry
 
 
 def test_rules_removed_from_outside_are_noticed_and_restored(
@@ -303,21 +328,88 @@ def test_rules_removed_from_outside_are_noticed_and_restored(
     ban = ["198.51.100.7/32", "query-flood", NOW, NOW + 600, "all"]
     assert run(lab, "setup", ("ban", [ban]), "commit") == [None, None, committed([ban])]
 
+    # The set rules flushed: the ban is still in its set, and setup puts the rules back.
     legacy(lab, "iptables-legacy", "-F", "FLOODD")
+    assert run(lab, "present", "list", "setup", "present") == [
+        False, [[*ban, 0, 0]], None, True]
+    send_queries("198.51.100.7", 3)
+    assert wait_for(lambda: counters(lab, "198.51.100.7/32") == (3, 3 * V4_PACKET))
+
+    # The set emptied from outside: no ban, floodd's rules still in place.
+    legacy(lab, "ipset", "flush", "floodd-ban4")
     assert run(lab, "present", "list") == [True, []]
 
+    assert run(lab, ("ban", [ban]), "commit") == [None, committed([ban])]
     legacy(lab, "iptables-legacy", "-F")
     legacy(lab, "iptables-legacy", "-X")
-    assert run(lab, "present", "list", ("unban", [target(ban)]), "commit") == [
-        False, [], None, committed()]
+    legacy(lab, "ipset", "destroy", "floodd-ban4net")
+    # The ban stays in its set (and expires there) while no rule matches it.
+    assert run(lab, "present", "list", ("unban", [target(ban)]), "commit", "list") == [
+        False, [[*ban, 0, 0]], None, committed(removed=[ban]), []]
     refused = run(lab, ("ban", [ban]), "commit")
     assert refused[0] is None
     assert "chain FLOODD is missing" in refused[1]["error"]
 
     assert run(lab, "setup", ("ban", [ban]), "commit", "present", "list") == [
         None, None, committed([ban]), True, [[*ban, 0, 0]]]
+    assert floodd_sets(lab) == sorted(SETS)
     send_queries("198.51.100.7", 5)
     assert wait_for(lambda: counters(lab, "198.51.100.7/32") == (5, 5 * V4_PACKET))
+
+
+def test_the_kernel_ends_set_bans_and_floodd_the_others(dns_lab: Lab, ask: Ask,
+                                                        wait_for: WaitFor) -> None:
+    lab = dns_lab
+    for address in ("198.51.100.7", "2001:db8:1::7", "203.0.113.10"):
+        lab.add_client_address(address)
+    assert ask("2001:db8:1::7")
+    now = float(math.floor(time.time()))
+    bans = [["198.51.100.7/32", "query-flood", now, now + 3, "all"],
+            ["2001:db8:1::7/128", "query-flood", now, now + 3, "udp"],
+            ["203.0.113.10/32", "query-flood", now, now + 3, "udp,except=64"],
+            # longer than ipset's longest timeout: floodd ends it
+            ["203.0.113.0/24", "manual", now, now + 30 * 86400, "all"]]
+    done = run(lab, "setup", ("ban", bans), "commit", "remaining")
+    assert done[:3] == [None, None, committed(bans)]
+    # The kernel's time left, whole seconds: set entries only.
+    assert [[n, scope] for n, scope, _ in done[3]] == sorted(target(b) for b in bans)
+    assert [left for _, _, left in done[3]] == [done[3][0][2], done[3][1][2], None, None]
+    assert 1 <= done[3][0][2] <= 3 and 1 <= done[3][1][2] <= 3
+    assert [e.split(" timeout ")[1].split()[0] for e in set_entries(lab, "floodd-ban4net")] == \
+        ["0"]
+    assert not ask("198.51.100.7") and not ask("2001:db8:1::7")
+    assert wait_for(lambda: ask("198.51.100.7") and ask("2001:db8:1::7"), timeout=6.0)
+    assert run(lab, "list") == [sorted([[*b, 0, 0] for b in bans[2:]])]
+
+
+def test_a_ban_rule_of_an_older_floodd_moves_into_its_set(
+        lab: Lab, send_queries: Send, wait_for: WaitFor) -> None:
+    lab.add_client_address("198.51.100.7")
+    assert run(lab, "setup") == [None]
+    legacy(lab, "iptables-legacy", "-A", "FLOODD", "-s", "198.51.100.7/32", "-m", "comment",
+           "--comment", f"floodd since={NOW:.0f} expires={NOW + 600:.0f} rule=older",
+           "-j", "DROP")
+    send_queries("198.51.100.7", 4)
+    older = ["198.51.100.7/32", "older", NOW, NOW + 600, "all"]
+    assert wait_for(lambda: run(lab, "list") == [[[*older, 4, 4 * V4_PACKET]]])
+
+    again = [*older[:1], "query-flood", NOW, NOW + 900, "all"]
+    assert run(lab, ("ban", [again]), "commit", "list") == [
+        None, committed([again]), [[*again, 4, 4 * V4_PACKET]]]
+    assert "-s 198.51.100.7" not in legacy(lab, "iptables-legacy", "-S", "FLOODD")
+    send_queries("198.51.100.7", 1)
+    assert wait_for(lambda: counters(lab, "198.51.100.7/32") == (5, 5 * V4_PACKET))
+
+
+def test_an_entry_added_by_hand_is_a_ban_of_its_sets_scope(lab: Lab) -> None:
+    assert run(lab, "setup") == [None]
+    legacy(lab, "ipset", "add", "floodd-udp4net", "203.0.113.0/24", "timeout", "60")
+    [[network, rule, since, expires, scope, packets, nbytes]] = run(lab, "list")[0]
+    assert (network, rule, scope, packets, nbytes) == ("203.0.113.0/24", "(unknown)", "udp",
+                                                       0, 0)
+    assert 58 <= expires - since <= 60
+    assert run(lab, ("unban", [[network, scope]]), "commit", "list") == [
+        None, committed(removed=[[network, "", 0, 0, scope]]), []]
 
 
 SCOPES = ["all", "udp", "udp,qtype=255", "udp,except=64", "udp,qtype=255,except=63+64"]
@@ -435,7 +527,7 @@ def test_qtype_ban_drops_that_type_and_passes_the_others(
 def test_rules_floodd_does_not_write_are_not_bans(lab: Lab) -> None:
     """A rule in FLOODD with a ban comment is a ban only when its matches are exactly
     those of the comment's scope; others are the operator's and stay as they are."""
-    head = "floodd since=1764000000 expires=1764000600"
+    head = f"floodd since={NOW:.0f} expires={NOW + 600:.0f}"
     foreign = [
         ("iptables-legacy", "192.0.2.2", ["-p", "tcp"], "all"),
         ("iptables-legacy", "192.0.2.3", ["-p", "udp", "-m", "ttl", "--ttl-eq", "64"],
@@ -480,14 +572,21 @@ def test_rules_floodd_does_not_write_are_not_bans(lab: Lab) -> None:
     assert filter_table(lab) == before
     assert run(lab, ("unban", [target(b) for b in adopted]), "commit", "list") == [
         None, committed(removed=adopted), []]
-    assert len([line for line in filter_table(lab) if " -A FLOODD " in line]) == len(foreign) + 1
+    # The operator's rules and floodd's set rules.
+    assert len([line for line in filter_table(lab) if " -A FLOODD " in line]) == \
+        len(foreign) + 1 + len(SETS)
 
 
 def test_refusal_by_the_kernel_is_one_line(lab: Lab) -> None:
-    # root without CAP_NET_ADMIN: the kernel refuses to hand out the table.
-    result = run(lab, "setup", prefix=("setpriv", "--bounding-set=-net_admin"))
-    assert result == [{"error": "iptables-legacy setup: can't initialize filter: "
-                                "Permission denied (you must be root)"}]
+    # root without CAP_NET_ADMIN: the kernel refuses to change the sets or hand out
+    # the table.
+    no_admin = ("setpriv", "--bounding-set=-net_admin")
+    assert run(lab, "setup", prefix=no_admin) == [
+        {"error": "ipset create: Kernel error received: Operation not permitted "
+                  "(create floodd-ban4 hash:ip)"}]
+    assert run(lab, "list", prefix=no_admin) == [
+        {"error": "iptables-legacy list: can't initialize filter: "
+                  "Permission denied (you must be root)"}]
 
 
 @pytest.mark.parametrize("options", [

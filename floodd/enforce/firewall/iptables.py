@@ -1,30 +1,35 @@
-"""The iptables firewall backend, driven through python-iptables (libiptc).
+"""The iptables firewall backend, driven through python-iptables (libiptc) and ipset.
 
-What floodd keeps in the kernel, in the filter table of iptables and of ip6tables::
+What floodd keeps in the kernel, in the filter table of iptables and of ip6tables (IPv6:
+the sets ``floodd-ban6`` ...)::
 
     INPUT   -p udp -m multiport --dports 53 -m comment --comment "floodd udp dports=53" -j FLOODD
             -p tcp -m multiport --dports 53 -m comment --comment "floodd tcp dports=53" -j FLOODD
-    FLOODD  -s 198.51.100.7/32 -m comment --comment
-                "floodd since=1764000000 expires=1764000600 scope=all rule=query-flood" -j DROP
+    FLOODD  -m set --match-set floodd-ban4 src -m comment --comment "floodd set floodd-ban4" -j DROP
+            -m set --match-set floodd-ban4net src ... -j DROP
+            -p udp -m set --match-set floodd-udp4 src ... -j DROP
+            -p udp -m set --match-set floodd-udp4net src ... -j DROP
             -s 203.0.113.10/32 -p udp -m ttl ! --ttl-eq 64 -m comment --comment
                 "floodd since=... scope=udp,except=64 rule=query-flood" -j DROP
             -s 203.0.113.10/32 -p udp -m string --hex-string "|0000ff0001|" --algo bm
                 --from 40 --to 339 -m comment --comment "floodd ... scope=udp,qtype=255 ..." -j DROP
-            ... one rule per ban
+            ... one rule per ban of some hop values or of one query type
 
-The DNS match (protocols and ports) lives in the jump rules at the top of INPUT, so a
-ban is exactly one rule whatever the ports and protocols: N bans cost N rules, not one
-per protocol each.  Scope ``all`` uses one jump without protocol or port match
-(comment ``floodd all``).  The ban comment is the one the nftables backend gives its set
-elements (rule name, start and expiry in whole seconds, the ban's scope), so the kernel
-alone is the record of what is banned and a restarted floodd adopts it.  Nothing expires
-a rule in the kernel: floodd unbans at expiry.
+The DNS match (protocols and ports) lives in the jump rules at the top of INPUT, so
+neither a set rule nor a ban rule repeats it.  Scope ``all`` uses one jump without
+protocol or port match (comment ``floodd all``).
 
-A ban is identified by its target (network and scope, :mod:`floodd.scope`): one network
-may have several rules, one per scope.  The scope becomes matches of the ban's rule:
+Whole-source and UDP-only bans, the common ones, are entries of ipset sets
+(:mod:`floodd.enforce.firewall.ipset`), each with its own kernel timeout, counter and ban
+comment; four set rules per family at the top of the chain match them, one hash lookup
+each however many bans there are (10,000 bans as rules cost 97% of BIND's throughput).
+Address sets come before prefix sets, so an address banned inside a banned prefix counts
+its own packets; a packet several bans match counts in the first.  ipset cannot match a
+TTL / hop limit or a question, so the other scopes stay one rule per ban, their scope
+made into matches:
 
-* UDP only: ``-p udp`` (the jump already limits it to the DNS ports under firewall
-  scope ``dns``; under ``all`` it drops all of the source's UDP);
+* UDP: ``-p udp`` (the jump already limits it to the DNS ports under firewall scope
+  ``dns``; under ``all`` it is all of the source's UDP);
 * usual hop values that pass: one ``-m ttl ! --ttl-eq H`` per value (IPv6:
   ``-m hl ! --hl-eq H``);
 * one query type: ``-m string --algo bm --hex-string |00 QQQQ 0001|``, the root label
@@ -33,12 +38,24 @@ may have several rules, one per scope.  The scope becomes matches of the ban's r
   headers (IP header, 8 bytes of UDP, 12 of DNS header: offset 40 / 60) to the end of
   the longest name (255 bytes) and its type and class, allowing 40 bytes of options.
 
+A rule ban carries the same comment as a set entry (rule name, start and expiry in whole
+seconds, scope), so the kernel alone is the record of what is banned and a restarted
+floodd adopts it.  Nothing expires a rule in the kernel: floodd unbans at expiry.
+
 Reading back, a rule in FLOODD is a ban when it drops, its comment is a ban comment and
 its matches are exactly what that comment's scope makes (protocol, hop values, question
 pattern, no other match); any other rule there is the operator's and is left alone.
+Whole-source and UDP-only ban rules (as older floodd versions wrote them) are read as
+bans too; a change of one of them moves it into its set, with its counters.
+
+A commit plans against a mirror of floodd's bans (where each one is: set entry or rule)
+and of which families have floodd's chain, as last read or committed; it reads the
+kernel only the first time.  Set changes are one ``ipset restore`` for both families;
+libiptc is opened only for rule bans.  After a failed commit the next one reads again.
 
 libiptc only knows the *legacy* xtables: on a host where ``iptables`` is the nf_tables
-variant these rules are enforced, but only ``iptables-legacy -nvL`` shows them.
+variant these rules are enforced, but only ``iptables-legacy -nvL`` shows them (the
+sets are the same for both: ``ipset list`` shows them).
 
 libiptc edits a copy of the whole table and its commit replaces the whole table in the
 kernel.  python-iptables does not take the xtables lock, so floodd takes it itself
@@ -46,12 +63,11 @@ kernel.  python-iptables does not take the xtables lock, so floodd takes it itse
 the table to committing it: a change iptables-legacy makes in between is never lost.
 
 Speed: a python-iptables ``Rule`` costs ~0.2 ms to build and as much to read back, so
-10,000 bans took ~2 s each way.  Ban rules are therefore made by patching the source,
-mask, comment and counters of a template entry that python-iptables builds, one per
-scope in a commit, and read back by parsing raw entries at the offsets of
-python-iptables' own ctypes structures: adding, listing or removing 10,000 bans then
-takes about 0.1 s each.  The commit itself (libiptc compiling the table, the kernel
-swapping it in) is ~25 ms of that.
+ban rules are made by patching the source, mask, comment and counters of a template
+entry that python-iptables builds, one per scope in a commit, and read back by parsing
+raw entries at the offsets of python-iptables' own ctypes structures: 1,000 hop or qtype
+bans take about 0.01 s each way.  Set rules, a handful, are compared with ones
+python-iptables builds (the set match holds the set's kernel index, which it looks up).
 """
 
 from __future__ import annotations
@@ -62,15 +78,17 @@ import fcntl
 import ipaddress
 import os
 import re
+import shutil
 import struct
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from floodd.errors import Failure, FlooddError
 from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan
 from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
+from floodd.enforce.firewall.ipset import BanSet, BanSets, set_scope
 from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 
 PROTOCOLS = ("udp", "tcp")
@@ -81,7 +99,9 @@ LOCK_WAIT = 5.0  # seconds to wait for the xtables lock
 
 _MARK = "floodd"
 _TOOLS = {4: "iptables-legacy", 6: "ip6tables-legacy"}  # what shows the rules, for messages
-_CHAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,27}")
+# At most 23 characters: the sets are named after it ("floodd-udp4net", 31 at most).
+_CHAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,22}")
+_SET_RULE = f"{_MARK} set "  # the comment of a set rule: "floodd set floodd-ban4"
 # python-iptables formats libiptc's message, a bytes object, with %s: "b'...'".
 _BYTES_REPR = re.compile(r"""\bb(['"])(.*?)\1""")
 _COUNTERS = struct.Struct("=QQ")  # struct xt_counters: packets, bytes
@@ -131,6 +151,20 @@ class _Family:
     ip_udp: bytes = b""
 
 
+class _NoSet(Failure):
+    """One of floodd's sets is not there."""
+
+
+@dataclass
+class _Mirror:
+    """What floodd last read or committed: where each ban is, which families have
+    floodd's chain."""
+
+    chains: set[int] = field(default_factory=set)
+    in_sets: set[Target] = field(default_factory=set)
+    in_rules: set[Target] = field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class _Template:
     """A ban rule of one scope as python-iptables builds it, for patching."""
@@ -150,11 +184,16 @@ class IptablesBackend(Buffered):
             raise FlooddError(f"firewall scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         if not _CHAIN_NAME.fullmatch(chain):
             raise FlooddError(f"invalid iptables chain name {chain!r}")
+        ipset = shutil.which("ipset")
+        if ipset is None:
+            raise FlooddError("firewall backend iptables: ipset not found (install ipset)")
         self._scope = scope
         self._chain = chain
         self.configure(ports, protocols)
         self._iptc = _import_iptc()
         self._layouts: dict[int, _Family] = {}
+        self._sets = BanSets(chain.lower(), ipset)
+        self._mirror: _Mirror | None = None  # None: read the kernel before a commit
         super().__init__()
 
     def configure(self, ports: Sequence[int], protocols: Sequence[str]) -> None:
@@ -177,6 +216,7 @@ class IptablesBackend(Buffered):
 
     # --- the Backend interface ---------------------------------------------------
     def setup(self) -> None:
+        self._sets.create()  # first: a set rule refers to its set
         for version in VERSIONS:
             with self._session(version, "setup") as (fam, table):
                 if not table.is_chain(self._chain):
@@ -188,33 +228,75 @@ class IptablesBackend(Buffered):
                     input_chain = self._iptc.Chain(table, "INPUT")
                     for protocol, comment in reversed(self._jumps):
                         input_chain.insert_rule(self._jump_rule(fam, protocol, comment), 0)
+                wanted = self._set_rules(fam)
+                rules = [*self._installed_set_rules(fam, table)]
+                # At the top of the chain, in order: before any rule ban.
+                if rules != [*enumerate(key for key, _ in wanted)]:
+                    for index, _ in reversed(rules):
+                        self._delete(table, self._chain, index)
+                    for position, (_, raw) in enumerate(wanted):
+                        table.insert_entry(self._chain, _buffer(raw), position)
                 table.commit()  # libiptc commits nothing when nothing changed
+        if self._mirror is not None:
+            self._mirror.chains = set(VERSIONS)
 
     def commit(self) -> Committed:
-        """One table commit per address family (IPv4, then IPv6).
+        """One ``ipset restore`` for the set bans of both families, one table commit per
+        family (IPv4, then IPv6) for rule bans.
 
-        When the IPv6 one fails the IPv4 one stays applied; either way nothing stays
-        buffered.
+        When a later step fails the earlier ones stay applied; either way nothing stays
+        buffered, and the next commit reads the kernel first.
         """
         pending = self._take()
-        added: list[Ban] = []
-        removed: list[Target] = []
+        if not pending:
+            return Committed((), ())
+        try:
+            return self._commit(pending)
+        except Exception:
+            self._mirror = None
+            raise
+
+    def _commit(self, pending: dict[Target, Ban | None]) -> Committed:
+        if self._mirror is None:
+            self.list()
+        mirror = self._mirror
+        assert mirror is not None  # list() read it
         for version in VERSIONS:
-            changes = {t: b for t, b in pending.items() if t.network.version == version}
-            if not changes:
+            if version not in mirror.chains and any(
+                    b is not None and t.network.version == version for t, b in pending.items()):
+                raise Failure(f"{_TOOLS[version]} chain {self._chain} is missing "
+                              "(removed from outside?): run setup first")
+        removed: list[Target] = []
+        carried: dict[Target, tuple[int, int]] = {}
+        for version in VERSIONS:
+            changes = {t: b for t, b in pending.items() if t.network.version == version
+                       and (not set_scope(t.scope) or t in mirror.in_rules)}
+            if not changes or version not in mirror.chains:
                 continue
             with self._session(version, "commit") as (fam, table):
-                if table.is_chain(self._chain):
-                    gone = self._apply(fam, table, changes)
-                    table.commit()
-                elif any(changes.values()):
-                    raise Failure(f"{_TOOLS[version]} chain {self._chain} is missing "
-                                      "(removed from outside?): run setup first")
-                else:
-                    gone = ()
-            added += [b for b in changes.values() if b is not None]
+                gone, moved = self._apply(fam, table, changes)
+                table.commit()
             removed += gone
-        return Committed(tuple(added), tuple(removed))
+            carried.update(moved)
+            for target, ban in changes.items():
+                if ban is None or set_scope(target.scope):
+                    mirror.in_rules.discard(target)
+                else:
+                    mirror.in_rules.add(target)
+        in_sets = {t: b for t, b in pending.items() if set_scope(t.scope)}
+        batch, added_to_sets = self._sets.changes(
+            ((t, b, carried.get(t)) for t, b in in_sets.items()), time.time())
+        self._sets.apply(batch)
+        from_rules = set(removed)
+        for target, ban in in_sets.items():
+            if ban is not None:
+                continue
+            if target in mirror.in_sets and target not in from_rules:
+                removed.append(target)
+            mirror.in_sets.discard(target)
+        mirror.in_sets.update(b.target for b in added_to_sets)
+        added = [b for t, b in pending.items() if b is not None and not set_scope(t.scope)]
+        return Committed((*added, *added_to_sets), tuple(removed))
 
     def present(self) -> bool:
         for version in VERSIONS:
@@ -224,9 +306,16 @@ class IptablesBackend(Buffered):
                 found = [comment for _, comment in self._installed_jumps(fam, table)]
                 if found != [c for _, c in self._jumps]:
                     return False
+                try:
+                    wanted = [*enumerate(key for key, _ in self._set_rules(fam))]
+                except _NoSet:
+                    return False
+                if [*self._installed_set_rules(fam, table)] != wanted:
+                    return False
         return True
 
     def teardown(self) -> None:
+        self._mirror = None
         for version in VERSIONS:
             with self._session(version, "teardown") as (fam, table):
                 for index, _ in reversed([*self._installed_jumps(fam, table)]):
@@ -235,17 +324,32 @@ class IptablesBackend(Buffered):
                     table.flush_entries(self._chain)
                     table.delete_chain(self._chain)
                 table.commit()
+        self._sets.destroy()  # last: no rule may refer to a set destroyed
+        self._mirror = _Mirror()
 
     def list(self) -> list[InstalledBan]:
+        """The bans in floodd's sets (also while its chain is missing: the kernel still
+        ends them) and those of the rules in its chain."""
         bans: dict[Target, InstalledBan] = {}
+        mirror = _Mirror()
+
+        def add(ban: InstalledBan) -> None:
+            seen = bans.get(ban.target)
+            bans[ban.target] = ban if seen is None else replace(
+                seen, packets=seen.packets + ban.packets, bytes=seen.bytes + ban.bytes)
+
         for version in VERSIONS:
             with self._session(version, "list") as (fam, table):
                 if not table.is_chain(self._chain):
                     continue
+                mirror.chains.add(version)
                 for _, ban in self._installed_bans(fam, table):
-                    seen = bans.get(ban.target)
-                    bans[ban.target] = ban if seen is None else replace(
-                        seen, packets=seen.packets + ban.packets, bytes=seen.bytes + ban.bytes)
+                    mirror.in_rules.add(ban.target)
+                    add(ban)
+        for ban in self._sets.read(time.time()):
+            mirror.in_sets.add(ban.target)
+            add(ban)
+        self._mirror = mirror
         return [*bans.values()]
 
     # --- reading and changing one table ------------------------------------------
@@ -276,10 +380,12 @@ class IptablesBackend(Buffered):
             message = _BYTES_REPR.sub(r"\2", str(exc)).replace("\n", " ")
             raise Failure(f"{_TOOLS[version]} {action}: {message}") from exc
 
-    def _apply(self, fam: _Family, table: Any,
-               changes: dict[Target, Ban | None]) -> Sequence[Target]:
-        """Replace, delete and append ban rules; a replaced ban keeps its counters.
-        The targets whose rules are deleted."""
+    def _apply(self, fam: _Family, table: Any, changes: dict[Target, Ban | None]
+               ) -> tuple[Sequence[Target], dict[Target, tuple[int, int]]]:
+        """Replace, delete and append ban rules; a replaced ban keeps its counters.  The
+        rules of a ban that belongs in a set (see the module docstring) are deleted: a
+        new ban of it goes to its set with their counters.  The targets whose rules are
+        deleted and not replaced, and the counters of those moving to a set."""
         installed: dict[Target, list[tuple[int, InstalledBan]]] = {}
         for index, ban in self._installed_bans(fam, table):
             installed.setdefault(ban.target, []).append((index, ban))
@@ -292,23 +398,51 @@ class IptablesBackend(Buffered):
 
         deletes: list[int] = []
         gone: list[Target] = []
+        moved: dict[Target, tuple[int, int]] = {}
         for target, new in changes.items():
             rules = installed.get(target, [])
-            if new is None:
+            packets = sum(ban.packets for _, ban in rules)
+            nbytes = sum(ban.bytes for _, ban in rules)
+            if new is None or set_scope(target.scope):
                 deletes += [index for index, _ in rules]
-                if rules:
+                if rules and new is None:
                     gone.append(target)
+                elif rules:
+                    moved[target] = (packets, nbytes)
             elif not rules:
                 table.append_entry(self._chain, entry(new, 0, 0))
             else:
-                packets = sum(ban.packets for _, ban in rules)
-                nbytes = sum(ban.bytes for _, ban in rules)
                 table.replace_entry(self._chain, entry(new, packets, nbytes), rules[0][0])
                 deletes += [index for index, _ in rules[1:]]
         # Appends went to the end and replacements kept their place: indexes still hold.
         for index in sorted(deletes, reverse=True):
             self._delete(table, self._chain, index)
-        return gone
+        return gone, moved
+
+    def _set_rules(self, fam: _Family) -> Sequence[tuple[_RuleKey, bytes]]:
+        """The family's set rules, in order, as python-iptables builds them (_NoSet when
+        a set is missing)."""
+        rules = []
+        for s in self._sets.sets:
+            if s.version == fam.version:
+                try:
+                    raw = _set_rule(fam, s)
+                except ValueError:  # python-iptables found no set of that name
+                    raise _NoSet(f"ipset: set {s.name} is missing (removed from "
+                                 "outside?): run setup") from None
+                rules.append((_rule_key(fam, raw), raw))
+        return rules
+
+    def _installed_set_rules(self, fam: _Family, table: Any) -> Iterator[tuple[int, _RuleKey]]:
+        """(position, what it matches) of the rules in floodd's chain with a set rule's
+        comment."""
+        for index, entry in enumerate(_entries(table, self._chain)):
+            if table.get_target(entry) != b"DROP":
+                continue
+            raw = ctypes.string_at(ctypes.addressof(entry), entry.target_offset)
+            comment = _comment(fam, raw)
+            if comment is not None and comment.startswith(_SET_RULE):
+                yield index, _rule_key(fam, raw)
 
     def _installed_bans(self, fam: _Family, table: Any) -> Iterator[tuple[int, InstalledBan]]:
         """(position, ban) of every rule in floodd's chain that is a ban (see the module
@@ -411,6 +545,31 @@ def _template(fam: _Family, scope: Scope) -> _Template:
     comment = _comment_offset(fam, raw)
     assert comment is not None  # the template's last match is its comment
     return _Template(raw, comment)
+
+
+# A rule's ip part and its matches (name, data): what it matches, counters aside.
+_RuleKey = tuple[bytes, tuple[tuple[bytes, bytes], ...]]
+
+
+def _rule_key(fam: _Family, raw: bytes) -> _RuleKey:
+    return raw[fam.ip], tuple(_matches(fam, raw))
+
+
+def _set_rule(fam: _Family, banned: BanSet) -> bytes:
+    """The rule dropping what the bans of a set drop: ``[-p udp] -m set --match-set
+    NAME src -m comment --comment "floodd set NAME" -j DROP``."""
+    rule = fam.rule_class()
+    if banned.scope.udp_only:
+        rule.protocol = "udp"
+    rule.create_match("set").match_set = [banned.name, "src"]
+    rule.create_match("comment").comment = f"{_SET_RULE}{banned.name}"
+    rule.target = rule.create_target("DROP")
+    return bytes(rule.rule)
+
+
+def _buffer(raw: bytes) -> ctypes.Array[ctypes.c_ubyte]:
+    """An entry for libiptc."""
+    return (ctypes.c_ubyte * len(raw)).from_buffer(bytearray(raw))
 
 
 @contextmanager
@@ -557,4 +716,4 @@ def _entry(fam: _Family, template: _Template, ban: Ban, packets: int,
     comment = ban_comment(ban).encode()[:_COMMENT_SIZE - 1]
     buf[template.comment:template.comment + _COMMENT_SIZE] = comment.ljust(_COMMENT_SIZE, b"\0")
     _COUNTERS.pack_into(buf, fam.counters, packets, nbytes)
-    return (ctypes.c_ubyte * len(buf)).from_buffer(buf)
+    return _buffer(bytes(buf))
