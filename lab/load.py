@@ -600,14 +600,36 @@ def parse_iptables_save(text: str, chain: str = "FLOODD") -> list[IptablesBan]:
     return out
 
 
+_IPSET_ENTRY = re.compile(r'^add floodd-(ban|udp)[46](?:net)? (\S+)(.*)$')
+
+
+def parse_ipset_save(text: str) -> list[IptablesBan]:
+    """The entries of floodd's ipset sets (floodd.enforce.firewall.ipset) in ``ipset save``
+    output: lines such as ``add floodd-udp4 198.51.100.7 timeout 3599 packets 12 bytes
+    720 comment "floodd ..."``, as the bans they stand for."""
+    out = []
+    for line in text.splitlines():
+        m = _IPSET_ENTRY.match(line)
+        if m is None:
+            continue
+        words = shlex.split(m.group(3))
+        opts = dict(zip(words[::2], words[1::2]))
+        source = m.group(2).removesuffix("/32").removesuffix("/128")
+        out.append(IptablesBan(source, m.group(1) == "udp", (), None,
+                               int(opts.get("packets", 0)), opts.get("comment", "")))
+    return out
+
+
 def iptables_rules(lab: Lab) -> list[IptablesBan]:
-    """floodd's iptables and ip6tables ban rules in the server namespace (legacy tables,
-    where floodd's iptables backend writes)."""
+    """floodd's iptables and ip6tables bans in the server namespace: the rules of its chain
+    (legacy tables, where floodd's iptables backend writes) and the entries of its ipset
+    sets."""
     rules = []
     for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
         rules += parse_iptables_save(lab.run(lab.server_ns, [tool, "-c", "-t", "filter"],
                                              text=True).stdout)
-    return rules
+    saved = lab.run(lab.server_ns, ["ipset", "save"], check=False, text=True)
+    return rules + parse_ipset_save(saved.stdout)
 
 
 def iptables_bans(lab: Lab) -> dict[str, KernelBan]:

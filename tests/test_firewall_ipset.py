@@ -10,8 +10,8 @@ import math
 import sys
 
 from floodd.enforce.firewall.base import Ban, InstalledBan
-from floodd.enforce.firewall.ipset import (MAX_TIMEOUT, UNKNOWN_RULE, BanSets, set_scope,
-                                           timeout)
+from floodd.enforce.firewall.comment import UNKNOWN_RULE
+from floodd.enforce.firewall.ipset import MAX_TIMEOUT, BanSets, set_scope, timeout
 from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 from lab.netns import Lab
 

@@ -66,6 +66,8 @@ def _clean_firewall(lab: Lab) -> None:
     for tool in ("iptables-legacy", "ip6tables-legacy"):
         if shutil.which(tool):
             lab.run(lab.server_ns, [tool, "-F", "FLOODD"], check=False)
+    if shutil.which("ipset"):
+        lab.run(lab.server_ns, ["ipset", "flush"], check=False)
 
 
 class Run:

@@ -228,6 +228,21 @@ def test_parse_nft_bans_merges_a_sources_elements_and_leaves_the_gate_out() -> N
                                                    "all + udp,qtype=255")}
 
 
+def test_parse_ipset_save() -> None:
+    text = ("create floodd-udp4 hash:ip family inet hashsize 1024 maxelem 1048576 timeout 0 "
+            "counters comment\n"
+            'add floodd-udp4 198.51.100.7 timeout 3599 packets 12 bytes 720 comment '
+            '"floodd since=1 expires=2 scope=udp rule=query-flood"\n'
+            "add floodd-ban6net 2001:db8::/64 packets 3 bytes 9\n"
+            "add other 192.0.2.1\n")
+    bans = load.parse_ipset_save(text)
+    assert [(b.source, b.udp_only, b.packets) for b in bans] == \
+        [("198.51.100.7", True, 12), ("2001:db8::/64", False, 3)]
+    assert bans[0].comment.endswith("rule=query-flood")
+    assert bans[0].drops("198.51.100.7", hop=64, qtype=1)
+    assert not bans[0].drops("198.51.100.7", hop=64, qtype=1, udp=False)
+
+
 def test_parse_iptables_save() -> None:
     rules = load.parse_iptables_save(IPTABLES_SAVE)
     assert [(r.source, r.udp_only, r.except_hops, r.qtype, r.packets) for r in rules] == [

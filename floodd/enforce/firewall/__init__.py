@@ -2,8 +2,9 @@
 
 ``auto`` takes nftables when the host's ``iptables`` is iptables-nft (nftables underneath:
 rules written through python-iptables' legacy tables would be invisible to the operator's
-``iptables -L``), when there is no ``iptables`` command, or when legacy iptables is not
-usable; python-iptables otherwise.
+``iptables -L``), when there is no ``iptables`` command, when legacy iptables is not
+usable, or when there is no ``ipset`` command (the iptables backend keeps its bans in
+ipset sets); python-iptables otherwise.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def make_backend(firewall: FirewallConfig, ports: Sequence[int], protocols: Sequ
     why = "firewall.backend"
     if name == "auto":
         name, why = auto_choice(_iptables_version(), legacy_iptables_problem)
+        if name == "iptables" and shutil.which("ipset") is None:
+            name, why = "nftables", "auto: no ipset command, which the iptables backend needs"
     try:
         factory = BACKENDS[name]
     except KeyError:

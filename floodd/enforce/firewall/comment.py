@@ -15,6 +15,8 @@ import re
 from floodd.enforce.firewall.base import Ban
 from floodd.scope import WHOLE, Scope
 
+# The rule shown for a ban found without floodd's comment (added by hand).
+UNKNOWN_RULE = "(unknown)"
 # nft refuses comments over 128 bytes; the rule text is cut to fit.
 _COMMENT_MAX = 128
 _COMMENT_RE = re.compile(r"^floodd since=(\d+) expires=(\d+)(?: scope=(\S+))? rule=(.*)$",

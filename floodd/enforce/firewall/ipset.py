@@ -43,12 +43,11 @@ from typing import Iterable
 from floodd.command import run
 from floodd.errors import Failure
 from floodd.enforce.firewall.base import Ban, InstalledBan, Network
-from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
+from floodd.enforce.firewall.comment import UNKNOWN_RULE, ban_comment, parse_ban_comment
 from floodd.scope import UDP_ONLY, WHOLE, Scope, Target
 
 MAX_TIMEOUT = 2_147_483  # seconds: ipset refuses longer timeouts
 MAX_ENTRIES = 1_048_576  # per set (floodd's firewall.max_bans is at most 1,000,000)
-UNKNOWN_RULE = "(unknown)"  # an entry without floodd's comment for its set's scope
 VERSIONS = (4, 6)
 _FAMILY = {4: "inet", 6: "inet6"}
 _KINDS = {"ban": WHOLE, "udp": UDP_ONLY}  # set kind -> the scope of its bans

@@ -117,7 +117,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from floodd.command import CommandTimeout, run
 from floodd.errors import Failure, FlooddError
-from floodd.enforce.firewall.comment import ban_comment, parse_ban_comment
+from floodd.enforce.firewall.comment import UNKNOWN_RULE, ban_comment, parse_ban_comment
 from floodd.enforce.firewall.base import Ban, Buffered, Committed, InstalledBan, Network
 from floodd.scope import MAX_EXCEPT_HOPS, UDP_ONLY, WHOLE, Scope, Target
 
@@ -141,7 +141,6 @@ QTYPE_CHAINS = ("qtype4", "qtype6")
 CHAIN = "input"
 RULE_COMMENT = "floodd: drop banned sources"
 GATE_COMMENT = "floodd: banned query types"
-UNKNOWN_RULE = "(unknown)"
 QUESTION_OFFSET = 20  # bytes from the UDP header to a query's question
 QTYPE_BITS = 40  # what a qtype element's last field holds: root label (0), qtype, class IN
 CLASS_IN = 1
