@@ -12,7 +12,7 @@ import pytest
 
 from floodd.config import build_config
 from floodd.cli.analyze import SourceHops, analyze_file, by_bucket, format_report
-from floodd.detect.parse import F_EXTRA, UDP
+from floodd.detect.parse import F_EXTRA, UDP, Records
 from lab.synth import dns_query, generate_flood_capture, link_frame, udp_datagram, write_pcap
 from test_parse import PCAPS, reference_count
 
@@ -231,3 +231,11 @@ def test_source_hops_times_and_bound() -> None:
     # (its one packet with 63 counted no more than a forged pair: it went with them)
     assert hops.flood(real, 300.0, 100.0, None)["usual"] == [64]
     assert hops.top(1)[0][:2] == (real, 502)  # its packets with 64
+
+
+def test_batches_of_columns_are_cut_on_the_same_edges() -> None:
+    src = bytes([198, 51, 100, 7])
+    records = [(ts, src, 17, 1, 0, 64) for ts in (10.0, 10.5, 12.2, 15.9, 15.95)]
+    parts = by_bucket(Records.of(records), 1.0)
+    assert all(isinstance(part, Records) for part in parts)
+    assert parts == by_bucket(records, 1.0) == [records[:2], records[2:3], records[3:]]

@@ -203,3 +203,13 @@ def test_memory_is_bounded_under_a_flood_of_forged_sources() -> None:
     assert all(history.usual(key) == (64,) for key in real)
     # The probation's pairs (5-byte keys in 2 generations) at most, about 200 bytes each.
     assert biggest - before < history.probation * 250, (before, biggest)
+
+
+def test_learns_tells_when_the_budget_is_spent() -> None:
+    history = HopHistory(100, 0.0, budget=10)
+    keys = [bytes([198, 51, 100, i]) for i in range(20)]
+    assert history.learns(1.0, 20)
+    history.observe(1.0, hop_keys(keys, [64] * 20))
+    assert not history.learns(1.0, 20) and history.skipped == 20  # spent: not built
+    assert history.learns(1.0, 5, verified=5)  # verified TCP has its own budget
+    assert history.learns(3.0, 20)  # refilled (the 10 over the budget paid back)

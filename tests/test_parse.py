@@ -31,8 +31,10 @@ from floodd.detect.parse import (
     MAX_FLOWS,
     MAX_HANDSHAKES,
     VERIFY_WINDOW,
+    MAX_QUESTIONS,
     Batch,
     Parser,
+    Records,
     Record,
 )
 from floodd.qtypes import qtype_code, qtype_name
@@ -53,7 +55,7 @@ def parse(frames: Iterable[bytes], linktype: int = ETH, **kw: Any) -> Batch:
     parser = Parser(linktype, **kw)
     batch = parser.parse_frames((float(i), f) for i, f in enumerate(frames))
     rest = parser.flush()
-    return Batch(batch.records + rest.records, batch.frames, batch.ignored)
+    return Batch([*batch.records, *rest.records], batch.frames, batch.ignored)
 
 
 def one(frame: bytes, linktype: int = ETH, **kw: Any) -> Record:
@@ -913,3 +915,50 @@ def test_question_walker_agrees_with_reference(flags: int, qdcount: int, tokens:
         assert fast[3:5] == (-1, F_MALFORMED)
     else:
         assert fast[3] == expected and fast[4] == 0
+
+
+# ---------------------------------------------------------------------------
+# Records: columns, and the fast path's remembered questions.
+
+def test_records_are_columns_in_frame_order_and_equal_to_their_tuples() -> None:
+    v6 = synth.udp_datagram(CLIENT6, SERVER6, query(qtype="AAAA"), 40000)
+    frames = [synth.link_frame(udp4(query())), synth.link_frame(v6),  # fast, general
+              synth.link_frame(udp4(b"\x00" * 5)), tcp_frames([(framed(query()), 0, PSH)])[0],
+              synth.link_frame(udp4(query(qtype="ANY")))]
+    batch = Parser(ETH).parse_frames((10.0 + i, f) for i, f in enumerate(frames))
+    records = batch.records
+    assert isinstance(records, Records)
+    v6_packed = bytes.fromhex("20010db8000000000000000000000007")
+    expected = [(10.0, CLIENT_PACKED, 17, 1, 0, 64), (11.0, v6_packed, 17, 28, 0, 64),
+                (12.0, CLIENT_PACKED, 17, -1, F_MALFORMED, 64),
+                (13.0, CLIENT_PACKED, 6, -1, 0, 64), (14.0, CLIENT_PACKED, 17, 255, 0, 64)]
+    assert records == expected and list(records) == expected
+    assert records.qtype == [1, 28, -1, -1, 255] and records.flags == [0, 0, F_MALFORMED, 0, 0]
+    assert records.proto == [17, 17, 17, 6, 17] and records.times == [10.0 + i for i in range(5)]
+    assert records[1:3] == expected[1:3] and records[-1] == expected[-1]
+    assert records.last_time() == 14.0
+
+
+def test_plain_udp_records_have_no_flag_or_protocol_columns() -> None:
+    frames = [synth.link_frame(udp4(query(qtype=t))) for t in ("A", "AAAA", "ANY")]
+    live = Parser(ETH).parse_frames(((5000.0, f) for f in frames), now=7.5).records
+    assert isinstance(live, Records)
+    assert (live.flags, live.proto, live.time, live.times) == (None, None, 7.5, [7.5] * 3)
+    assert Records.of(list(live)) == live and Records.of(live) is live
+    assert Records.of([]) == [] and not Records.of([])
+
+
+def test_question_tails_are_remembered_up_to_a_bound() -> None:
+    parser = Parser(ETH)
+    names = [f"n{i}.example.com" for i in range(MAX_QUESTIONS + 10)]
+    batch = parser.parse_frames((0.0, synth.link_frame(udp4(query(n)))) for n in names)
+    assert batch.records.qtype == [1] * len(names)  # type: ignore[attr-defined]
+    assert 0 < len(parser._questions) <= MAX_QUESTIONS
+    # A name with a compression pointer depends on what comes before it: not remembered,
+    # read with its header (this one points into it, at the question count's bytes).
+    pointer = query()[:12] + b"\x03www\xc0\x04" + b"\x00\x01\x00\x01"
+    before = len(parser._questions)
+    fast = parser.parse_frames([(1.0, synth.link_frame(udp4(pointer)))] * 2).records
+    general = parse([synth.link_frame(udp4(pointer), vlan=(3,))] * 2).records
+    assert [r[3:] for r in fast] == [r[3:] for r in general] == [(1, 0, 64)] * 2
+    assert len(parser._questions) == before

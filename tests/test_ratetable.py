@@ -564,3 +564,35 @@ def test_key_with_a_large_share_of_every_batch_is_counted_exactly(
                ("batch", {**batch, "H": max(1, -(-2 * others // (capacity - 2)))}))
         assert table.count(now, "H") == ref.expected("H")
         assert len(table) <= capacity
+
+
+def test_weight_counts_each_key_that_many_times() -> None:
+    sampled, whole = make(), make()
+    sampled.add_keys(1.0, ["a", "a", "b"], weight=4)
+    whole.add_counts(1.0, {"a": 8, "b": 4})
+    assert sampled.over(1.0, 0) == whole.over(1.0, 0) == [("a", 8), ("b", 4)]
+    assert sampled.total(1.0) == 12
+    with pytest.raises(ValueError):
+        sampled.add_keys(1.0, ["a"], weight=0)
+
+
+def test_crossed_names_the_keys_a_count_took_over_the_threshold() -> None:
+    table = make()
+    table.add_keys(1.0, ["a"] * 3 + ["b"] * 5)
+    assert table.crossed(["a"] * 3 + ["b"] * 5, 4) == ["b"]
+    table.add_keys(1.1, ["a", "a", "b"])
+    assert table.crossed(["a", "a", "b"], 4) == ["a"]  # b was over already
+    assert table.crossed(["c"], 4) == []  # not tracked
+    table.add_keys(1.2, ["d"], weight=6)
+    assert table.crossed(["d"], 4, weight=6) == ["d"]
+
+
+def test_over_reads_only_the_keys_whose_running_total_is_over() -> None:
+    table = make(window=2.0, bucket=1.0)
+    table.add_counts(0.5, {"a": 10, "b": 3})
+    table.add_counts(1.5, {"b": 4})
+    # At 2.5 the oldest bucket (0..1) weighs half: a 5, b 1 + 4 = 5 (running totals 10, 7).
+    assert sorted(table.running_over(6)) == ["a", "b"]
+    assert sorted(table.over(2.5, 4)) == [("a", 5), ("b", 5)]
+    assert table.over(2.5, 5) == []
+    assert table.over_among(2.5, ["b"], 4) == [("b", 5)]

@@ -310,3 +310,87 @@ def test_reconfigure_keeps_the_hop_histories_and_evidence_tables() -> None:
     assert t.histories == {} and not any(s.kind.endswith("+hop") for s in t.tables)
     t.add_batch(101.0, [rec(101.0, S1, ANY, F_VERIFIED, TCP, hop=64)])
     assert t.evidence(101.0, rule(off, "any"), S1) == HopEvidence((), False, 0, 6)
+
+
+# ---------------------------------------------------------------------------
+# Sampled batches, and the keys that go over a ban threshold as they are counted.
+
+def test_weight_multiplies_every_count() -> None:
+    config = configured({"rules": [
+        {"name": "all", "threshold": 100},
+        {"name": "any", "match": "ANY", "threshold": 100, "total_threshold": 1000},
+        {"name": "net", "aggregate": "prefix", "prefix_v4": 24, "threshold": 100}]})
+    t = Traffic(config)
+    t.add_batch(1.0, [rec(1.0, S1), rec(1.0, S1, ANY), rec(1.0, S2, flags=F_VERIFIED, proto=6)],
+                weight=8)
+    assert t.packets == 24
+    assert t.table_for(rule(config, "all")).count(1.0, S1) == 16
+    assert t.table_for(rule(config, "any")).count(1.0, qtype_key(S1, ANY)) == 8
+    assert t.table_for(rule(config, "net")).count(1.0, prefix_key(S1, 24, 64)) == 24
+    assert t.rule_total(1.0, rule(config, "any")) == 8
+    assert t.evidence(1.0, rule(config, "all"), S2).tcp == 8
+
+
+def test_a_key_going_over_a_ban_threshold_is_reported_once_until_taken() -> None:
+    config = configured({"rules": [
+        {"name": "all", "threshold": 5},
+        {"name": "watch", "threshold": 2, "action": "warn"},
+        {"name": "net", "aggregate": "prefix", "prefix_v4": 24, "threshold": 8}]})
+    t = Traffic(config)
+    all_rule, net = rule(config, "all"), rule(config, "net")
+    assert not t.add_batch(1.0, [rec(1.0, S1)] * 5 + [rec(1.0, S2)] * 3)  # warn: no wake
+    assert t.take_candidates() == {}
+    assert t.add_batch(1.1, [rec(1.1, S1)])  # S1: 6 > 5; the /24: 9 > 8
+    assert not t.add_batch(1.2, [rec(1.2, S1)])  # over already, reported
+    taken = t.take_candidates()
+    assert t.over(1.2, all_rule, taken) == [(S1, 7)]
+    assert t.over(1.2, net, taken) == [(prefix_key(S1, 24, 64), 10)]
+    # A warn rule wakes nothing, but reads the candidates of the table it shares.
+    assert t.over(1.2, rule(config, "watch"), taken) == [(S1, 7)]
+    assert t.take_candidates() == {}
+    assert not t.add_batch(1.3, [rec(1.3, S1)])  # went over before: not again
+    assert t.add_batch(1.4, [rec(1.4, S2)] * 3)  # S2: 6 > 5
+    assert t.over(1.4, all_rule, t.take_candidates()) == [(S2, 6)]
+    # Without candidates: every key over, most first.
+    assert t.over(1.4, all_rule) == [(S1, 8), (S2, 6)]
+    assert t.over(1.4, rule(config, "watch")) == [(S1, 8), (S2, 6)]
+
+
+def test_weighted_keys_are_reported_when_their_sample_crosses() -> None:
+    t = Traffic(configured({"rules": [{"name": "all", "threshold": 100}]}))
+    assert not t.add_batch(1.0, [rec(1.0, S1)] * 12, weight=8)  # 96
+    assert t.add_batch(1.1, [rec(1.1, S1)], weight=8)  # 104
+    assert dict(t.take_candidates()).popitem()[1] == {S1}
+
+
+def test_qtype_rule_candidates_and_over_are_of_its_qtype() -> None:
+    config = configured({"rules": [
+        {"name": "any", "match": "ANY", "threshold": 2},
+        {"name": "txt", "match": "TXT", "threshold": 5}]})
+    t = Traffic(config)
+    txt = 16
+    assert t.add_batch(1.0, [rec(1.0, S1, ANY)] * 3 + [rec(1.0, S2, txt)] * 3)
+    taken = t.take_candidates()
+    assert t.over(1.0, rule(config, "any"), taken) == [(qtype_key(S1, ANY), 3)]
+    assert t.over(1.0, rule(config, "txt"), taken) == []  # S2's 3 TXT woke the table
+    assert t.over(1.0, rule(config, "txt")) == []
+
+
+def test_a_guard_arming_reports_the_keys_already_over() -> None:
+    config = configured({"rules": [
+        {"name": "rotating", "match": "ANY", "threshold": 1, "total_threshold": 4}]})
+    t = Traffic(config)
+    guard = rule(config, "rotating")
+    assert not t.add_batch(1.0, [rec(1.0, S1, ANY)] * 2 + [rec(1.0, S2, ANY)])  # 3: unarmed
+    assert t.add_batch(1.1, [rec(1.1, S6, ANY)] * 2)  # 5 > 4: armed, S1 and S6 over
+    taken = t.take_candidates()
+    assert sorted(t.over(1.1, guard, taken)) == sorted([(qtype_key(S1, ANY), 2),
+                                                        (qtype_key(S6, ANY), 2)])
+    assert t.add_batch(1.2, [rec(1.2, S2, ANY)])  # armed: counted as they cross
+    assert t.over(1.2, guard, t.take_candidates()) == [(qtype_key(S2, ANY), 2)]
+
+
+def test_reports_leave_out_banned_sources() -> None:
+    t = Traffic(configured({"rules": [{"name": "all", "threshold": 2}]}))
+    assert not t.add_batch(1.0, [rec(1.0, S1)] * 5, skip=frozenset({S1}))
+    assert t.packets == 5 and t.take_candidates() == {}

@@ -13,6 +13,13 @@ before that window.  A trigger whose packets came with a value the source had no
 before is marked: that is what forged packets carrying a real client's address look
 like.  Times are those of the buckets the packets came in (see :class:`SourceHops`), so
 "before the window" is exact to within one bucket.
+
+Cost (bench/bench_analyze.py, 1,000,000 packets from 50,000 sources, the whole process,
+on a loaded 2-core box): 8.8 s of CPU, 1.9 times dpkt's full decode of the same file
+(16.4 s) in the same run; the same file took 9.4 s before the batches became columns.
+Beyond the daemon's counting, every packet feeds the per-source hop tally, the
+lifetime prefix and query-type tables and the first/last times of its (source, hop
+value) pair.
 """
 
 from __future__ import annotations
@@ -23,25 +30,20 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress, filterfalse, repeat
-from operator import add, itemgetter, not_
+from operator import add, and_, floordiv, le, ne, not_
 from typing import Any, Iterable, Sequence, TextIO
 
 from floodd.cli.common import add_config_option, config_from_args
 from floodd.detect.capture import OfflineCapture
 from floodd.config import Config
 from floodd.errors import FlooddError
-from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record
+from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record, Records
 from floodd.decide.policy import Trigger, evaluate
 from floodd.qtypes import qtype_name
 from floodd.detect.ratetable import RateTable
 from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                            prefix_keys, prefix_network, qtype_key, rule_qtype,
-                            split_qtype_key)
-
-_src = itemgetter(1)
-_qtype = itemgetter(3)
-_flags = itemgetter(4)
-_hop = itemgetter(5)
+                                   prefix_keys, prefix_network, qtype_suffix, rule_qtype,
+                                   split_qtype_key)
 
 HOP_VALUES = range(256)  # IPv4 TTL / IPv6 hop limit
 # A hop key is the packed source address followed by one byte, the hop value.
@@ -66,17 +68,23 @@ def hop_tally(counts: dict[int, int]) -> dict[str, int]:
     return {str(hop): n for hop, n in sorted(counts.items(), key=lambda hn: (-hn[1], hn[0]))}
 
 
-def source_qtype_keys(records: Sequence[Record], flagged: bool) -> list[bytes]:
+def source_qtype_keys(records: Sequence[Record]) -> list[bytes]:
     """The :func:`qtype_key` of every record with a query type (malformed ones: with
     MALFORMED_QTYPE; a bare TCP segment has none), for each source's query-type mix.
-    ``flagged``: whether any record has flags.  Built in C for the usual batch, with
-    no flags and every query type known."""
-    if not flagged and min(map(_qtype, records)) >= 0:
-        qtypes = list(map(_qtype, records))
-        suffix = {qt: qtype_key(b"", qt) for qt in set(qtypes)}
-        return list(map(add, map(_src, records), map(suffix.__getitem__, qtypes)))
-    return [qtype_key(r[1], MALFORMED_QTYPE if r[4] & F_MALFORMED else r[3])
-            for r in records if r[3] >= 0 or r[4] & F_MALFORMED]
+    Built in C for the usual batch, with no flags and every query type known."""
+    cols = Records.of(records)
+    srcs, qtypes, flags = cols.src, cols.qtype, cols.flags
+    if flags is not None:
+        if min(qtypes) < 0:
+            malformed = list(map(and_, flags, repeat(F_MALFORMED)))
+            qtypes = [MALFORMED_QTYPE if bad else qt for qt, bad in zip(qtypes, malformed)]
+            typed = list(map(le, repeat(0), qtypes))  # a bare TCP segment has no qtype
+            srcs, qtypes = list(compress(srcs, typed)), list(compress(qtypes, typed))
+    elif qtypes and min(qtypes) < 0:  # bare TCP segments, without flags
+        typed = list(map(le, repeat(0), qtypes))
+        srcs, qtypes = list(compress(srcs, typed)), list(compress(qtypes, typed))
+    suffix = {qt: qtype_suffix(qt) for qt in set(qtypes)}
+    return list(map(add, srcs, map(suffix.__getitem__, qtypes)))
 
 
 class SourceHops:
@@ -100,23 +108,26 @@ class SourceHops:
 
     def add(self, part: Sequence[Record]) -> None:
         """Count the records of one bucket, in time order."""
-        start, end = part[0][0], part[-1][0]
-        keys = list(map(add, map(_src, part), map(_HOP_SUFFIX.__getitem__, map(_hop, part))))
-        flags = list(map(_flags, part))
+        cols = Records.of(part)
+        times = cols.times
+        start, end = times[0], times[-1]
+        keys = list(map(add, cols.src, map(_HOP_SUFFIX.__getitem__, cols.hop)))
+        flags = cols.flags if cols.flags is not None else list(repeat(0, len(keys)))
         packets = keys
-        if any(flags):  # F_EXTRA records are further queries of a packet counted already
+        if cols.flags is not None:  # F_EXTRA records are further queries of a packet
             packets = list(compress(keys, map(not_, map(F_EXTRA.__and__, flags))))
         self.packets.add_keys(0.0, packets)
         first = self.first
         first.update(zip(filterfalse(first.__contains__, packets), repeat(start)))
         self.last.update(zip(packets, repeat(end)))
-        qtypes = set(map(_qtype, part)) if self.last_of else set()
+        qtypes = set(cols.qtype) if self.last_of else set()
         for qt, last in self.last_of.items():
             if qt == MALFORMED_QTYPE:
-                last.update(zip(compress(keys, map(F_MALFORMED.__and__, flags)), repeat(end)))
+                if cols.flags is not None:
+                    last.update(zip(compress(keys, map(F_MALFORMED.__and__, flags)),
+                                    repeat(end)))
             elif qt in qtypes:
-                last.update(zip(compress(keys, map(qt.__eq__, map(_qtype, part))),
-                                repeat(end)))
+                last.update(zip(compress(keys, map(qt.__eq__, cols.qtype)), repeat(end)))
         if len(first) > 2 * self.packets.capacity:  # the times of pairs no longer tracked go
             tracked = [key for key, _ in self.packets.top(0.0, len(self.packets))]
             self.first = {key: first[key] for key in tracked}
@@ -179,20 +190,16 @@ class Report:
                 "would_ban": self.would_ban}
 
 
-def by_bucket(records: list[Record], bucket: float) -> list[list[Record]]:
-    """``records`` cut wherever their timestamps enter another bucket."""
-    if records[0][0] // bucket == records[-1][0] // bucket:
-        return [records]
-    parts = []
-    start = 0
-    current = records[0][0] // bucket
-    for i, rec in enumerate(records):
-        b = rec[0] // bucket
-        if b != current:
-            parts.append(records[start:i])
-            start, current = i, b
-    parts.append(records[start:])
-    return parts
+def by_bucket(records: Sequence[Record], bucket: float) -> list[Records]:
+    """``records`` cut wherever their timestamps enter another bucket (cut points found
+    in C)."""
+    cols = Records.of(records)
+    times = cols.times
+    if times[0] // bucket == times[-1] // bucket:
+        return [cols]
+    buckets = list(map(floordiv, times, repeat(bucket)))
+    cuts = [0, *compress(range(1, len(buckets)), map(ne, buckets[1:], buckets)), len(buckets)]
+    return [cols[start:stop] for start, stop in zip(cuts, cuts[1:])]
 
 
 class Analyzer:
@@ -220,26 +227,27 @@ class Analyzer:
     def add(self, batch: Batch) -> None:
         self.report.frames += batch.frames
         self.report.ignored += batch.ignored
-        records = batch.records
+        records = Records.of(batch.records)
         if not records:
             return
-        self.qtype_counts.update(map(_qtype, records))
-        flagged = any(map(_flags, records))
-        if flagged:
-            self.malformed += sum(1 for r in records if r[4] & F_MALFORMED)
+        self.qtype_counts.update(records.qtype)
+        if records.flags is not None:
+            self.malformed += len(records) - list(
+                map(and_, records.flags, repeat(F_MALFORMED))).count(0)
         bucket = self.config.rate_table.bucket
         if self.first_ts is None:
-            self.first_ts = records[0][0]
+            self.first_ts = records.times[0]
         for part in by_bucket(records, bucket):
             # The rules are evaluated at the last packet before another bucket.
-            if self.last_ts is not None and part[0][0] // bucket != self.last_ts // bucket:
+            times = part.times
+            if self.last_ts is not None and times[0] // bucket != self.last_ts // bucket:
                 self._evaluate(self.last_ts)
-            self.traffic.add_batch(part[-1][0], part)
+            self.traffic.add_batch(times[-1], part)
             self.hops.add(part)
-            self.last_ts = part[-1][0]
+            self.last_ts = times[-1]
         sources = packet_sources(records)
         self.lifetime_prefixes.add_keys(0.0, prefix_keys(sources, 24, 64))
-        self.lifetime_qtypes.add_keys(0.0, source_qtype_keys(records, flagged))
+        self.lifetime_qtypes.add_keys(0.0, source_qtype_keys(records))
 
     def _trigger_hops(self, now: float, trig: Trigger) -> dict[str, Any] | None:
         """:meth:`SourceHops.flood` for a per-source trigger; None for a prefix (hop

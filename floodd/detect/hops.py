@@ -155,6 +155,11 @@ class HopHistory:
             return tuple(sorted(held))
         return tuple(sorted(h for h in held if self._is_usual(key + HOP_BYTES[h])))
 
+    def established_keys(self) -> KeysView[bytes]:
+        """The keys established (their values held), for C-speed membership tests; a
+        live view."""
+        return self._seen.keys()
+
     def held_pairs(self) -> KeysView[bytes]:
         """The pairs of every value held for an established key (usual or pending), for
         C-speed membership tests; a live view."""
@@ -204,17 +209,30 @@ class HopHistory:
                 self._blocked = dict(islice(self._blocked.items(),
                                             len(self._blocked) - self.capacity // 2, None))
 
+    def learns(self, now: float, pairs: int, verified: int = 0) -> bool:
+        """Whether :meth:`observe` at ``now`` would look at a batch of ``pairs`` pairs,
+        ``verified`` of them over verified TCP; when not (the budget is spent), they are
+        counted in ``skipped`` here, and the caller need not build them."""
+        self._refill(now)
+        if self._tokens > 0 or (verified and self._verified_tokens > 0):
+            return True
+        self.skipped += pairs
+        return False
+
+    def _refill(self, now: float) -> None:
+        if now > self._refilled:
+            gained = (now - self._refilled) * self.budget
+            self._tokens = min(self._tokens + gained, self.budget)
+            self._verified_tokens = min(self._verified_tokens + gained, self.budget)
+            self._refilled = now
+
     def observe(self, now: float, pairs: Sequence[bytes],
                 verified: Sequence[bytes] = ()) -> None:
         """Learn from one batch: ``pairs`` of every packet (repeats allowed), and among
         them ``verified``, those of packets over handshake-verified TCP."""
         if not pairs:
             return
-        if now > self._refilled:
-            gained = (now - self._refilled) * self.budget
-            self._tokens = min(self._tokens + gained, self.budget)
-            self._verified_tokens = min(self._verified_tokens + gained, self.budget)
-            self._refilled = now
+        self._refill(now)
         if now >= self._unblock:
             self._unblock_expired(now)
         if now >= self._settle_at:

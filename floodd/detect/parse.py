@@ -1,8 +1,12 @@
 """Parse stage: libpcap frames -> one small record per DNS packet, keyed by its source.
 
-A record is a plain tuple, for speed on the per-packet path::
+A record is a tuple::
 
     (ts, src, proto, qtype, flags, hop)
+
+held in a batch as columns (:class:`Records`: a list per field, the tuples built only
+when read one by one), so that the per-packet path allocates nothing but the source
+and the question's bytes, and the next stage reads whole columns in C.
 
 ``ts`` the capture time (float seconds: the frame's timestamp, or the clock a
 live capture passes to :meth:`Parser.parse_batch`), ``src`` the packed source
@@ -64,8 +68,13 @@ Counting rules:
 from __future__ import annotations
 
 import struct
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from itertools import compress, repeat
+from operator import add, lt, mul
+from typing import Callable, Iterable, TypeVar, overload
 
 from floodd.errors import FlooddError
 
@@ -146,11 +155,104 @@ TCP_RST = 0x04
 TCP_ACK = 0x10
 
 _MALFORMED: tuple[int, int] = (-1, F_MALFORMED)
+MAX_QUESTIONS = 4096  # question tails whose qtype a parser remembers (see parse_batch)
+_MISS = -2  # not a qtype, nor -1
+
+
+class Records(Sequence[Record]):
+    """A batch's records held as columns, one list per field: the per-packet path reads
+    a column at a time (``src``, ``qtype``, ``hop``, ``flags``) and never builds a tuple
+    per record.  As a sequence it is the records, ``(ts, src, proto, qtype, flags,
+    hop)`` tuples built on demand, and equal to any sequence of the same tuples.
+
+    ``flags`` None: every record has flags 0; ``proto`` None: every record is UDP.
+    Times: ``times``, a list or a function computing it when first read (a capture
+    file's batch: its frames' timestamps cost nothing until read), or None: every
+    record at ``time`` (a live capture stamps one clock reading per batch).
+    """
+
+    __slots__ = ("src", "qtype", "hop", "flags", "proto", "time", "_times")
+
+    def __init__(self, src: list[bytes], qtype: list[int], hop: list[int],
+                 flags: list[int] | None = None, proto: list[int] | None = None,
+                 times: list[float] | Callable[[], list[float]] | None = None,
+                 time: float = 0.0) -> None:
+        self.src = src
+        self.qtype = qtype
+        self.hop = hop
+        self.flags = flags
+        self.proto = proto
+        self.time = time
+        self._times = times
+
+    @classmethod
+    def of(cls, records: Iterable[Record]) -> Records:
+        """The columns of ``records`` (tuples); ``records`` itself if already columns."""
+        if isinstance(records, Records):
+            return records
+        rows = list(records)
+        if not rows:
+            return cls([], [], [])
+        ts, src, proto, qtype, flags, hop = map(list, zip(*rows))
+        return cls(src, qtype, hop, flags if any(flags) else None,
+                   None if proto.count(UDP) == len(proto) else proto, ts)
+
+    @property
+    def times(self) -> list[float]:
+        """Every record's capture time."""
+        times = self._times
+        if times is None:
+            return [self.time] * len(self.src)
+        if not isinstance(times, list):
+            times = self._times = times()
+        return times
+
+    def last_time(self) -> float:
+        """The capture time of the last record (``time`` if there is none)."""
+        if self._times is None or not self.src:
+            return self.time
+        return self.times[-1]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    @overload
+    def __getitem__(self, index: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Records: ...
+
+    def __getitem__(self, index: int | slice) -> Record | Records:
+        if isinstance(index, slice):
+            flags, proto = self.flags, self.proto
+            times = self.times[index] if self._times is not None else None
+            return Records(self.src[index], self.qtype[index], self.hop[index],
+                           flags[index] if flags is not None else None,
+                           proto[index] if proto is not None else None, times, self.time)
+        return (self.times[index] if self._times is not None else self.time, self.src[index],
+                self.proto[index] if self.proto is not None else UDP, self.qtype[index],
+                self.flags[index] if self.flags is not None else 0, self.hop[index])
+
+    def __iter__(self) -> Iterator[Record]:
+        n = len(self.src)
+        return zip(self.times if self._times is not None else repeat(self.time, n), self.src,
+                   self.proto if self.proto is not None else repeat(UDP, n), self.qtype,
+                   self.flags if self.flags is not None else repeat(0, n), self.hop)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Records({list(self)!r})"
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    records: list[Record]
+    records: Sequence[Record]  # Records from the parser; any sequence of tuples will do
     frames: int  # frames examined
     # Frames that are neither queries to the DNS ports nor the server's SYN-ACKs.
     ignored: int
@@ -214,13 +316,16 @@ _NEVER: _Field = (-1, "0s", ())  # a link type without the IPv4 fast path
 class _Link:
     """A link type's UDP/IPv4 fast path.
 
-    ``hot`` reads at once two link-layer fields (``a`` before ``b`` in the frame),
-    the IPv4 header at ``ip`` assumed 20 bytes long, UDP and the DNS header:
-    (a, b, version/IHL, total length, fragment field, TTL, protocol, source,
-    destination port, DNS flags, qdcount).
+    ``hot`` reads at once the link-layer fields to check, the IPv4 header at ``ip``
+    assumed 20 bytes long, UDP and the DNS header: (a, b, head, total length, fragment
+    field, TTL, protocol, source, destination port, DNS flags, qdcount).  ``head`` is the
+    version/IHL byte, with the link field right before the IP header when there is one
+    (the EtherType): one comparison checks both.  ``a`` and ``b`` are the other link
+    fields (``b`` after ``a`` in the frame), b"" where absent.
     """
 
-    def __init__(self, ip: int, a: _Field = _ABSENT, b: _Field = _ABSENT) -> None:
+    def __init__(self, ip: int, a: _Field = _ABSENT, b: _Field = _ABSENT,
+                 before: _Field = _ABSENT) -> None:
         fmt = "!"
         pos = 0
         for offset, code, _ in (a, b):
@@ -229,9 +334,16 @@ class _Link:
             else:
                 fmt += f"{offset - pos}x{code}"
                 pos = offset + struct.calcsize("!" + code)
-        self.hot = struct.Struct(f"{fmt}{ip - pos}xBxH2xHBB2x4s4x2xH4x2xHH")
+        start = ip if before[0] < 0 else before[0]
+        head = ip - start + 1
+        self.hot = struct.Struct(f"{fmt}{start - pos}x{head}sxH2xHBB2x4s4x2xH4x2xHH")
         self.a_ok = frozenset(a[2])
         self.b_ok = frozenset(b[2])
+        self.a_free = a is _ABSENT  # no field to check
+        self.b_free = b is _ABSENT
+        prefixes = [struct.pack("!" + before[1], v) for v in before[2]] if before[0] >= 0 \
+            else [b""]
+        self.head_ok = frozenset(v + b"\x45" for v in prefixes)
         self.ip = ip
         self.name_off = ip + 20 + 8 + 12
 
@@ -239,8 +351,8 @@ class _Link:
 _NOT_OUTGOING = (0, 1, 2, 3)  # sll_pkttype: host, broadcast, multicast, other host
 _RAW = _Link(0)
 _LINKS = {
-    LINKTYPE_ETHERNET: _Link(14, b=(12, "H", (ETH_IPV4,))),
-    LINKTYPE_LINUX_SLL: _Link(16, (0, "H", _NOT_OUTGOING), (14, "H", (ETH_IPV4,))),
+    LINKTYPE_ETHERNET: _Link(14, before=(12, "H", (ETH_IPV4,))),
+    LINKTYPE_LINUX_SLL: _Link(16, (0, "H", _NOT_OUTGOING), before=(14, "H", (ETH_IPV4,))),
     LINKTYPE_LINUX_SLL2: _Link(20, (0, "H", (ETH_IPV4,)), (10, "B", _NOT_OUTGOING)),
     LINKTYPE_RAW: _RAW,
     LINKTYPE_RAW_FILE: _RAW,
@@ -329,6 +441,7 @@ class Parser:
         self._syn_acks: dict[_FlowKey, _Handshake] = {}  # awaiting the client's ACK
         self._verified: dict[_FlowKey, _Handshake] = {}
         self._now = 0.0  # capture time of the latest frame
+        self._questions: dict[bytes, int] = {}  # question tail -> qtype (-1: malformed)
 
     def parse_batch(self, data: bytes, meta: bytes, now: float | None = None) -> Batch:
         """Parse a pcapy-ng ``next_batch()`` result: ``meta`` holds 16-byte records
@@ -337,49 +450,115 @@ class Parser:
         Records are stamped, and the reassembly timeouts run, on the frames' own
         timestamps; or, given ``now``, on that (a live capture passes its monotonic
         clock, so that a step of the wall clock changes nothing).
+
+        The fast path takes a query over UDP/IPv4 with a 20-byte header, not a
+        fragment, in one step of Python per frame: its source, hop value and the bytes
+        from its question to the end of the datagram (the *tail*).  The qtypes come
+        after, one dict lookup per tail in C: a tail's qtype (or malformedness) is
+        worked out once and remembered (``MAX_QUESTIONS``; a name with a compression
+        pointer is not, it depends on the header).  A flood repeats its questions; one
+        of new names each time (random subdomains) costs one walk of the name per
+        packet, as every packet did before.  Every other frame goes the general way,
+        which gives the same records; the records stay in frame order.
         """
-        records: list[Record] = []
-        append = records.append
+        srcs: list[bytes] = []
+        hops: list[int] = []
+        tails: list[bytes] = []
+        add_src, add_hop, add_tail = srcs.append, hops.append, tails.append
+        general: list[Record] = []  # records of the general path
+        placed: list[int] = []  # per general record: the fast records before it
+        slow: list[int] = []  # per frame taken the general way: the fast records before it
         frame = self._frame
         link = self._link
         hot = link.hot.unpack_from
         hot_len = link.hot.size
-        a_ok = link.a_ok
-        b_ok = link.b_ok
+        head_ok, a_ok, b_ok, a_free, b_free = (link.head_ok, link.a_ok, link.b_ok, link.a_free,
+                                               link.b_free)
         ip_off = link.ip
-        name_off = link.name_off
+        tail_off = link.name_off
         ports = self._udp_ports
         ignored = 0
         ts = self._now if now is None else now
         for sec, usec, off, caplen in _META.iter_unpack(meta):
+            if caplen >= hot_len:
+                a, b, head, totlen, frag, ttl, proto, src, dport, dflags, qd = hot(data, off)
+                if (head in head_ok and proto == UDP and dport in ports and dflags < 0x8000
+                        and qd and not frag & 0x3FFF and (a_free or a in a_ok)
+                        and (b_free or b in b_ok)):
+                    # A total length below 20 is not believed (the frame's end counts).
+                    if ip_off + totlen < caplen and totlen >= 20:
+                        if totlen < 24:  # the datagram ends before its destination port
+                            slow.append(len(srcs))
+                            ignored += 1
+                            continue
+                        end = off + ip_off + totlen
+                    else:
+                        end = off + caplen
+                    add_src(src)
+                    add_hop(ttl)
+                    add_tail(data[off + tail_off:end])
+                    continue
             if now is None:
                 ts = sec + usec * 1e-6
-            end = off + caplen
-            if caplen >= hot_len:
-                # The fast path: a query over UDP/IPv4 with a 20-byte header, not a
-                # fragment, whose question name has no compression pointer.  Anything
-                # else goes the general way, which gives the same result.
-                a, b, vhl, totlen, frag, ttl, proto, src, dport, dflags, qd = hot(data, off)
-                if (vhl == 0x45 and proto == UDP and dport in ports and a in a_ok
-                        and b in b_ok and not frag & 0x3FFF and not dflags & 0x8000 and qd):
-                    ip_end = off + ip_off + totlen
-                    if totlen < 20 or ip_end > end:
-                        ip_end = end
-                    p = off + name_off
-                    stop = p + MAX_NAME if p + MAX_NAME < ip_end else ip_end
-                    while p < stop:
-                        n = data[p]
-                        if n == 0 or n > 63:
-                            break
-                        p += n + 1
-                    if p < stop and not data[p] and p + 5 <= ip_end:
-                        append((ts, src, UDP, (data[p + 1] << 8) | data[p + 2], 0, ttl))
-                        continue
-            if frame(ts, data, off, end, append):
+            mark = len(general)
+            slow.append(len(srcs))
+            if frame(ts, data, off, off + caplen, general.append):
                 ignored += 1
+            if len(general) > mark:
+                placed += [len(srcs)] * (len(general) - mark)
+        if now is None and meta:
+            sec, usec = _META.unpack_from(meta, len(meta) - 16)[:2]
+            ts = sec + usec * 1e-6
         self._now = ts
-        self._expire(ts, append)
-        return Batch(records, len(meta) // 16, ignored)
+        mark = len(general)
+        self._expire(ts, general.append)
+        placed += [len(srcs)] * (len(general) - mark)
+
+        qtypes = self._qtypes(tails, data, meta, slow) if tails else []
+        flags = None
+        if qtypes and min(qtypes) < 0:  # malformed ones
+            flags = list(map(mul, map(lt, qtypes, repeat(0)), repeat(F_MALFORMED)))
+        proto = None
+        if general:
+            g_ts, g_src, g_proto, g_qtype, g_flags, g_hop = zip(*general)
+            srcs = _splice(srcs, g_src, placed)
+            hops = _splice(hops, g_hop, placed)
+            qtypes = _splice(qtypes, g_qtype, placed)
+            if flags is not None or any(g_flags):
+                flags = _splice(flags or [0] * len(tails), g_flags, placed)
+            if g_proto.count(UDP) < len(g_proto):
+                proto = _splice([UDP] * len(tails), g_proto, placed)
+        times: Callable[[], list[float]] | None = None
+        if now is None:
+            times = _stamper(meta, slow, [r[0] for r in general], placed)
+        return Batch(Records(srcs, qtypes, hops, flags, proto, times, ts), len(meta) // 16,
+                     ignored)
+
+    def _qtypes(self, tails: list[bytes], data: bytes, meta: bytes,
+                slow: list[int]) -> list[int]:
+        """The qtype (-1: malformed) of each fast-path record from its tail."""
+        known = self._questions
+        qtypes = list(map(known.get, tails, repeat(_MISS)))
+        if min(qtypes) > _MISS:
+            return qtypes
+        offsets = None
+        for i in compress(range(len(qtypes)), map((_MISS).__eq__, qtypes)):
+            tail = tails[i]
+            qtype = known.get(tail)
+            if qtype is None:
+                qtype = _tail_qtype(tail)
+                if qtype is None:  # a compression pointer: read with the header
+                    if offsets is None:
+                        offsets = array("I", meta)[2::4]
+                    off = offsets[i + bisect_right(slow, i)]  # the record's frame
+                    dns = off + self._link.name_off - 12
+                    qtype = question(data, dns, dns + 12 + len(tail))[0]
+                else:
+                    if len(known) >= MAX_QUESTIONS:
+                        known.clear()
+                    known[tail] = qtype
+            qtypes[i] = qtype
+        return qtypes
 
     def parse_frames(self, frames: Iterable[tuple[float, bytes]],
                      now: float | None = None) -> Batch:
@@ -735,3 +914,64 @@ def _reassemble(parts: dict[int, bytes], total: int) -> bytes | None:
     if pos < total:
         return None
     return b"".join(chunks)[:total]
+
+
+def _tail_qtype(tail: bytes) -> int | None:
+    """The qtype of the question at the start of ``tail`` (a query's bytes from its
+    question to the end of its datagram), -1 if malformed (as :func:`question`), None
+    if its name has a compression pointer (whose meaning depends on what comes before)."""
+    p = 0
+    end = len(tail)
+    length = 1
+    while True:
+        if p >= end:
+            return -1
+        n = tail[p]
+        if n == 0:
+            break
+        if n < 0x40:
+            length += n + 1
+            if length > MAX_NAME or p + 1 + n > end:
+                return -1
+            p += n + 1
+        elif n >= 0xC0 and p + 1 < end:
+            return None
+        else:
+            return -1
+    if p + 5 > end:
+        return -1
+    return (tail[p + 1] << 8) | tail[p + 2]
+
+
+T = TypeVar("T")
+
+
+def _splice(fast: list[T], extra: Sequence[T], at: list[int]) -> list[T]:
+    """``fast`` with each of ``extra`` inserted after the first ``at[i]`` of it (``at``
+    nondecreasing): the records of both paths back in frame order."""
+    out: list[T] = []
+    start = 0
+    for pos, value in zip(at, extra):
+        if pos > start:
+            out += fast[start:pos]
+            start = pos
+        out.append(value)
+    out += fast[start:]
+    return out
+
+
+def _stamper(meta: bytes, slow: list[int], extra: list[float],
+             at: list[int]) -> Callable[[], list[float]]:
+    """The records' capture times, computed when first read: the timestamps of the
+    fast-path frames (every frame but the ``slow`` ones, see parse_batch), with those of
+    the general path's records (``extra``) spliced in at ``at``."""
+    def times() -> list[float]:
+        fields = array("I", meta)
+        stamps = list(map(add, fields[0::4], map(mul, fields[1::4], repeat(1e-6))))
+        if slow:
+            keep = [True] * len(stamps)
+            for k, before in enumerate(slow):
+                keep[before + k] = False
+            stamps = list(compress(stamps, keep))
+        return _splice(stamps, extra, at) if extra else stamps
+    return times

@@ -37,14 +37,15 @@ bucket.  (Exact edges inside a bucket would need every packet's time; weighting
 the oldest bucket needs nothing but that bucket, held one bucket longer.)
 
 State, per tracked key: its running total over the ``S + 1`` buckets held, its
-packets in the current bucket (for the keys seen in it) and, once a bucket it
-was seen in has closed, a ring of ``S`` per-bucket counts (1 byte per bucket
-while each count is below 256, 2 below 65,536, else 8).  Per table: the
-packets of each bucket held.  A batch costs two C-level counting passes over
-its keys (the current bucket and the running totals); closing a bucket costs
-one Python step per tracked key (the bucket leaving the window is taken off
-the totals, the closed one stored in the rings); a query reads the oldest
-bucket of each key it returns.
+running total when the current bucket began (its packets in the current bucket are
+the difference: a batch updates one dict) and, once a bucket it was seen in has
+closed, a ring of ``S`` per-bucket counts (1 byte per bucket while each count is
+below 256, 2 below 65,536, else 8).  Per table: the packets of each bucket held.
+A batch costs one C-level counting pass over its keys (the running totals);
+closing a bucket costs a few C passes over the tracked keys (to find those seen
+in it, and to take the bucket leaving the window off the totals); a query reads
+the oldest bucket of each key it returns, and ``over`` selects in C the keys
+whose running total exceeds the threshold before counting those.
 
 Bound (lossy counting): when more than ``capacity`` keys are tracked, one pass
 drops every key whose running total is at or below a cut level ``c``: the
@@ -78,8 +79,8 @@ import math
 from array import array
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
-from itertools import repeat
-from operator import add, itemgetter
+from itertools import compress, islice, repeat
+from operator import add, itemgetter, lt, mul, not_, setitem, sub
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -138,15 +139,18 @@ class RateTable(Generic[K]):
         self.pruned = 0
         self._span = span
         # Invariants, for every tracked key k (and only those):
-        #   _totals[k] = _live[k] + sum(_rings[k]) >= 1;
-        #   _live[k] = k's packets in the current bucket, for the keys seen in it;
+        #   _totals[k] = (k's packets in the current bucket) + sum(_rings[k]) >= 1;
+        #   _base[k] = sum(_rings[k]), for the keys tracked when the current bucket
+        #   began (a key's packets in it are _totals[k] - _base.get(k, 0), so that a
+        #   batch updates one dict only); _base's keys are the first of _totals, in
+        #   the same order;
         #   _rings[k][j % span] = k's packets in bucket j, cur - span <= j < cur,
         #   for the keys seen in a bucket that has closed since their admission;
         #   _peaks[k] = k's busiest closed bucket, for every tracked key seen in
         #   one and for at most 2 * capacity keys in all.
         # Bucket j's packets (every key) are in _packets[j % (span + 1)],
         # cur - span <= j <= cur.
-        self._live: Counter[K] = Counter()
+        self._base: dict[K, int] = {}
         self._totals: Counter[K] = Counter()
         self._rings: dict[K, array[int]] = {}
         self._empty_ring = array("B", bytes(span))  # widened when a count overflows
@@ -167,30 +171,58 @@ class RateTable(Generic[K]):
         if min(values) < 1:
             raise ValueError("packet counts must be at least 1")
         self._packets[self._cur % (self._span + 1)] += sum(values)
-        _merge(self._live, counts)
         _merge(self._totals, counts)
         if len(self._totals) > self.capacity:
             self._prune()
 
-    def add_keys(self, now: float, keys: Sequence[K]) -> None:
-        """Count one packet per item of ``keys`` (repeats allowed) into the bucket of ``now``.
+    def add_keys(self, now: float, keys: Sequence[K], weight: int = 1) -> None:
+        """Count ``weight`` packets per item of ``keys`` (repeats allowed) into the bucket
+        of ``now`` (``weight`` > 1: the keys are a 1-in-``weight`` sample).
 
-        The same as ``add_counts(now, Counter(keys))``, counted by
+        The same as ``add_counts(now, Counter(keys))`` (times ``weight``), counted by
         ``Counter.update`` straight into the current bucket and the totals, every
         per-key step in C: the daemon's hot path under a flood of many sources.
         """
         self._advance(now)
         if not keys:
             return
+        if weight != 1:
+            if weight < 1:
+                raise ValueError("packet counts must be at least 1")
+            counts = Counter(keys)
+            self.add_counts(now, dict(zip(counts, map(mul, counts.values(), repeat(weight)))))
+            return
         self._packets[self._cur % (self._span + 1)] += len(keys)
-        self._live.update(keys)
         self._totals.update(keys)
         if len(self._totals) > self.capacity:
             self._prune()
 
+    def crossed(self, keys: Sequence[K], threshold: int, weight: int = 1) -> list[K]:
+        """Of ``keys`` just counted (:meth:`add_keys` with this ``weight``), the distinct
+        ones whose running total (an upper bound of the window count) went over
+        ``threshold`` with that count: at most ``threshold`` before, more after.
+
+        One C pass over ``keys`` when none is over; more only for those over.
+        """
+        totals = self._totals
+        news = list(map(totals.__getitem__, keys))
+        if not news or max(news) <= threshold:
+            return []
+        over = Counter(compress(keys, map(lt, repeat(threshold), news)))
+        return [key for key, n in over.items() if totals[key] - n * weight <= threshold]
+
+    def running_over(self, threshold: int) -> list[K]:
+        """The keys whose running total (an upper bound of the window count) exceeds
+        ``threshold``, selected in C: the candidates of :meth:`over`."""
+        totals = self._totals
+        return list(compress(totals, map(lt, repeat(threshold), totals.values())))
+
     def count(self, now: float, key: K) -> int:
         """Packets from ``key`` in the window (see the module docstring for the bound)."""
         self._advance(now)
+        return self._count(key)
+
+    def _count(self, key: K) -> int:
         total = self._totals.get(key, 0)
         ring = self._rings.get(key)
         if ring is None or not total:
@@ -199,9 +231,20 @@ class RateTable(Generic[K]):
         return total - oldest + int(self._keep() * oldest)
 
     def over(self, now: float, threshold: int) -> list[tuple[K, int]]:
-        """Keys with more than ``threshold`` packets in the window, most first."""
+        """Keys with more than ``threshold`` packets in the window, most first.
+
+        The keys whose running total exceeds ``threshold`` are selected in C; only
+        those are counted exactly (a key's count never exceeds its running total).
+        """
         self._advance(now)
-        hits = [kc for kc in self._counts(threshold) if kc[1] > threshold]
+        return self.over_among(now, self.running_over(threshold), threshold)
+
+    def over_among(self, now: float, keys: Iterable[K], threshold: int) -> list[tuple[K, int]]:
+        """Of ``keys`` (distinct), those with more than ``threshold`` packets in the
+        window, most first."""
+        self._advance(now)
+        count = self._count
+        hits = [(key, n) for key in keys if (n := count(key)) > threshold]
         hits.sort(key=_by_count, reverse=True)
         return hits
 
@@ -226,12 +269,12 @@ class RateTable(Generic[K]):
         """
         if self._peaks is None:
             raise ValueError("peak needs a RateTable created with track_peak=True")
-        return max(self._peaks.get(key, 0), self._live.get(key, 0))
+        return max(self._peaks.get(key, 0), self._totals.get(key, 0) - self._base.get(key, 0))
 
     def forget(self, key: K) -> None:
         """Stop tracking ``key`` and drop its peak; its packets stay in ``total``."""
         self._totals.pop(key, None)
-        self._live.pop(key, None)
+        self._base.pop(key, None)
         self._rings.pop(key, None)
         if self._peaks is not None:
             self._peaks.pop(key, None)
@@ -267,15 +310,23 @@ class RateTable(Generic[K]):
                 self._close(target)
 
     def _close(self, target: int) -> None:
-        """Close the current bucket and move on to bucket ``target``."""
+        """Close the current bucket and move on to bucket ``target``.
+
+        Every step is a C pass over the tracked keys or those seen in the closing
+        bucket; Python steps only for counts too wide for a ring's type and for keys
+        whose total drops to 0."""
         cur, span = self._cur, self._span
-        live, totals, rings = self._live, self._totals, self._rings
+        totals, rings, base = self._totals, self._rings, self._base
+        # The keys seen in the closing bucket and their packets in it.  The totals hold
+        # the keys of _base in the same order, then the keys new in this bucket.
+        keys = list(totals)
+        counts = list(map(sub, totals.values(), base.values()))
+        counts += islice(totals.values(), len(counts), None)
+        live = list(compress(keys, counts))
+        counts = list(compress(counts, counts))
         peaks = self._peaks
-        if peaks is not None:
-            peaks_get = peaks.get
-            for key, n in live.items():
-                if n > peaks_get(key, 0):
-                    peaks[key] = n
+        if peaks is not None and live:
+            dict.update(peaks, zip(live, map(max, counts, map(peaks.get, live, repeat(0)))))
         if target - cur > span:  # every bucket held leaves the window
             totals.clear()
             rings.clear()
@@ -283,42 +334,44 @@ class RateTable(Generic[K]):
         else:
             # Buckets cur - span .. target - span - 1 leave the window; the first
             # one's slot is the one the closed bucket goes to.
-            gone = [j % span for j in range(cur - span, target - span)]
-            dead: list[K] = []
-            first, many = gone[0], len(gone) > 1
-            for key, ring in rings.items():
-                n = ring[first]
-                if many:
-                    n = sum([ring[slot] for slot in gone])
-                    for slot in gone:
-                        ring[slot] = 0
-                if n:
-                    ring[first] = 0
-                    left = totals[key] - n
-                    if left:
-                        totals[key] = left
-                    else:
-                        dead.append(key)
-            for key in dead:  # never in live: its total would include that
-                del totals[key], rings[key]
+            for j in range(cur - span, target - span):
+                self._leave(j % span)
             slot = cur % span
-            empty = self._empty_ring
-            for key, n in live.items():
-                held = rings.get(key)
-                if held is None:
-                    held = rings[key] = empty[:]
-                try:
-                    held[slot] = n
-                except OverflowError:
-                    held = rings[key] = array("H" if n < 1 << 16 else "Q", held)
-                    held[slot] = n
+            fresh = list(compress(live, map(not_, map(rings.__contains__, live))))
+            if fresh:
+                empty = self._empty_ring
+                dict.update(rings, zip(fresh, map(array.__copy__, repeat(empty, len(fresh)))))
+            held = list(map(rings.__getitem__, live))
+            if counts and max(counts) > 0xFF:  # may not fit a ring of bytes
+                for i in compress(range(len(counts)), map(lt, repeat(0xFF), counts)):
+                    ring, n = held[i], counts[i]
+                    if ring.typecode == "B" or (ring.typecode == "H" and n >= 1 << 16):
+                        ring = held[i] = rings[live[i]] = array(
+                            "H" if n < 1 << 16 else "Q", ring)
+            list(map(setitem, held, repeat(slot), counts))
             packets, size = self._packets, span + 1
             for j in range(cur + 1, target + 1):
                 packets[j % size] = 0
-        live.clear()
+        self._base = dict(totals)
         self._cur = target
         if peaks is not None and len(peaks) > 2 * self.capacity:
             self._trim_peaks(peaks)
+
+    def _leave(self, slot: int) -> None:
+        """Take the bucket held in ``slot`` off the totals and empty the slot."""
+        totals, rings = self._totals, self._rings
+        counts = list(map(itemgetter(slot), rings.values()))
+        keys = list(compress(rings, counts))
+        if not keys:
+            return
+        held = list(map(rings.__getitem__, keys))
+        counts = list(compress(counts, counts))
+        left = list(map(sub, map(totals.__getitem__, keys), counts))
+        dict.update(totals, zip(keys, left))
+        list(map(setitem, held, repeat(slot), repeat(0, len(held))))
+        if 0 in left:  # not seen in the closing bucket: its total would include that
+            for key in compress(keys, map(not_, left)):
+                del totals[key], rings[key]
 
     def _prune(self) -> None:
         """Drop every key counting at most the cut level (see the module docstring).
@@ -330,7 +383,7 @@ class RateTable(Generic[K]):
         self.pruned += len(totals) - kept
         survivors = Counter({key: total for key, total in totals.items() if total > cut})
         self._totals = survivors
-        self._live = Counter({key: n for key, n in self._live.items() if key in survivors})
+        self._base = {key: n for key, n in self._base.items() if key in survivors}
         self._rings = {key: ring for key, ring in self._rings.items() if key in survivors}
         peaks = self._peaks
         if peaks is not None:

@@ -26,35 +26,49 @@ and source + qtype rules), one per prefix-length pair.  The evidence counts are 
 exact as the rule's own: within one bucket of each key's packets (see
 :mod:`floodd.detect.ratetable`).
 
-Per batch every per-packet step runs in C (``map``, ``compress``, ``Counter``, and the
-rate table's ``add_keys``); Python-level loops touch only the records of the query
-types a rule watches, and the hop histories' budgeted observations.
+Per batch every per-packet step runs in C over the batch's columns
+(:class:`floodd.detect.parse.Records`: ``map``, ``compress``, ``Counter``, and the rate
+table's ``add_keys``); Python-level loops touch only the records of the query types a
+rule watches, the hop histories' budgeted observations, and the keys going over a ban
+threshold.
+
+Crossings.  After counting a batch into a ban rule's table, one more C pass reads the
+running totals of its keys: those that went over the rule's threshold (the lowest of
+the table's ban rules; a guard's, ``total_threshold``, while it is armed, and all its
+keys over when it arms) are kept as candidates (:meth:`Traffic.take_candidates`) and
+:meth:`Traffic.add_batch` says so, so that the decision can look at once, at those
+keys only (:meth:`Traffic.over` with candidates); a full :meth:`Traffic.over` selects
+in C the keys whose running total is over before counting them.
 
 Cost.  Each ``+hop`` table is one more rate-table update per packet of a key with
 history arriving at a value held for it; a flood of forged or unknown sources costs one
-C pass and no entries.  ``+tcp`` tables cost nothing without TCP; the hop histories look
-at no more than their budget of packets a second (:mod:`floodd.detect.hops`).
-bench/bench_parse.py, 1,000,000 packets from 50,000 sources (none with history): parse
-and all the shipped rules' tables 276,000 packets/s per core, 5.9 times dpkt's full
-decode in the same run (7.5 times before the evidence tables, on a faster day);
-bench/bench_memory.py, with every table and history filled over verified TCP: 221 MB
-peak, within the 256 MB target.
+C pass (over the batch, against the history's keys) and no entries.  ``+tcp`` tables
+cost nothing without TCP; the hop histories look at no more than their budget of
+packets a second (:mod:`floodd.detect.hops`), and the pairs they would look at are not
+built beyond it.  bench/bench_parse.py, 1,000,000 packets from 50,000 sources (none
+with history) on a loaded 2-core box: parse and all the shipped rules' tables
+442,000 packets/s per core, 6.7 times dpkt's full decode in the same run (before the
+columns: 234,000 packets/s, 3.6 times, the same day; 5.9 times on a quieter one).
+bench/bench_memory.py, with every table and history filled over verified TCP: 247 MB
+peak, within the 256 MB target (221 MB before: each table now keeps its totals as of
+the bucket's start instead of the bucket's own counts).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from itertools import compress, repeat
-from operator import add, and_, itemgetter, not_
+from operator import add, and_, itemgetter, mul, not_, or_
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Network, Rule
-from floodd.detect.hops import HOP_BYTES, HopEvidence, HopHistory
-from floodd.detect.parse import F_EXTRA, F_MALFORMED, F_VERIFIED, Record
+from floodd.detect.hops import HOP_BYTES, HopEvidence, HopHistory, hop_keys
+from floodd.detect.parse import F_EXTRA, F_MALFORMED, F_VERIFIED, Record, Records
 from floodd.detect.ratetable import RateTable
 
 # Not a real qtype (those are 0..65535): marks malformed packets in the qtype tables.
@@ -67,10 +81,6 @@ SOURCE, PREFIX, SOURCE_QTYPE, QTYPE = "source", "prefix", "source+qtype", "qtype
 HOP_SUFFIX, TCP_SUFFIX = "+hop", "+tcp"  # the kinds of a rule table's evidence tables
 EVIDENCE_SHARE = 8  # an evidence table holds 1/8 of its rule table's capacity
 
-_src = itemgetter(1)
-_qtype = itemgetter(3)
-_flags = itemgetter(4)
-_hop = itemgetter(5)
 _source_part = itemgetter(slice(None, -3))  # the source of a source + qtype key (_QT_BYTES)
 
 
@@ -112,7 +122,12 @@ def prefix_network(key: bytes, v4: int, v6: int) -> Network:
 
 
 def qtype_key(src: bytes, qtype: int) -> bytes:
-    return src + qtype.to_bytes(_QT_BYTES, "big")
+    return src + qtype_suffix(qtype)
+
+
+def qtype_suffix(qtype: int) -> bytes:
+    """The qtype suffix of a source + qtype key."""
+    return qtype.to_bytes(_QT_BYTES, "big")
 
 
 def split_qtype_key(key: bytes) -> tuple[bytes, int]:
@@ -128,31 +143,16 @@ def rule_qtype(rule: Rule) -> int | None:
     return rule.qtype
 
 
-def _with_flag(records: Sequence[Record], flag: int) -> list[Record]:
-    return list(compress(records, map(and_, map(_flags, records), repeat(flag))))
-
-
-def _without_flag(records: Sequence[Record], flag: int) -> list[Record]:
-    return list(compress(records, map(not_, map(and_, map(_flags, records), repeat(flag)))))
-
-
-def _not_from(records: Sequence[Record], skip: AbstractSet[bytes]) -> list[Record]:
-    return list(compress(records, map(not_, map(skip.__contains__, map(_src, records)))))
-
-
-def _hop_bytes(records: Sequence[Record]) -> list[bytes]:
-    return list(map(HOP_BYTES.__getitem__, map(_hop, records)))
-
-
 def packet_sources(records: Sequence[Record]) -> list[bytes]:
     """The source of every packet among ``records``.
 
     Records flagged F_EXTRA (further DNS messages in one TCP segment) are queries
     but not packets, so they are left out.
     """
-    if any(map(_flags, records)):
-        records = _without_flag(records, F_EXTRA)
-    return list(map(_src, records))
+    cols = Records.of(records)
+    if cols.flags is None:
+        return list(cols.src)
+    return list(compress(cols.src, map(not_, map(and_, cols.flags, repeat(F_EXTRA)))))
 
 
 @dataclass(frozen=True)
@@ -224,17 +224,25 @@ class _RuleEvidence(NamedTuple):
 
 @dataclass
 class _Fed:
-    """The tables fed with one kind of key: the counts, and the evidence tables of those
-    that rules read."""
+    """The tables fed with one kind of key: the counts (with their specs, for the ban
+    thresholds watched), and the evidence tables of those that rules read."""
 
-    counts: list[RateTable[bytes]] = field(default_factory=list)
+    counts: list[tuple[TableSpec, RateTable[bytes]]] = field(default_factory=list)
     hops: list[RateTable[bytes]] = field(default_factory=list)
     tcp: list[RateTable[bytes]] = field(default_factory=list)
 
     def add(self, spec: TableSpec, table: RateTable[bytes]) -> None:
         kind = spec.kind
-        (self.hops if kind.endswith(HOP_SUFFIX) else self.tcp if kind.endswith(TCP_SUFFIX)
-         else self.counts).append(table)
+        if kind.endswith(HOP_SUFFIX):
+            self.hops.append(table)
+        elif kind.endswith(TCP_SUFFIX):
+            self.tcp.append(table)
+        else:
+            self.counts.append((spec, table))
+
+
+Candidates = Mapping[TableSpec, frozenset[bytes]]  # rule table -> keys that went over
+NO_CANDIDATES: Candidates = MappingProxyType({})
 
 
 class Traffic:
@@ -318,6 +326,17 @@ class Traffic:
                     fed.add(each, self.tables[each])
         self._pair_groups = list(groups.items())
         self.watched_qtypes: frozenset[int] = frozenset().union(*groups)
+        # The ban rules each table's crossings are checked for; guards (total_threshold)
+        # only while armed.
+        self._bans: dict[TableSpec, list[Rule]] = {}
+        for rule in config.rules:
+            if rule.action == "ban":
+                self._bans.setdefault(table_spec(rule, config), []).append(rule)
+        self._guards = [rule for rules in self._bans.values() for rule in rules
+                        if rule.total_threshold is not None]
+        self._armed: set[Rule] = set()
+        self._thresholds = self._watched_thresholds()
+        self._candidates: dict[TableSpec, set[bytes]] = {}
 
     def _make(self, spec: TableSpec, config: Config) -> RateTable[Any]:
         peak = self._track_peak and spec == status_spec(config)
@@ -327,59 +346,104 @@ class Traffic:
         return TableSpec(QTYPE, rule.window, self._config.rate_table.bucket, QTYPE_CAPACITY)
 
     def add_batch(self, now: float, records: Sequence[Record],
-                  skip: AbstractSet[bytes] = frozenset()) -> None:
+                  skip: AbstractSet[bytes] = frozenset(), weight: int = 1) -> bool:
         """Count every record at ``now``; sources in ``skip`` (already banned) count
-        only in ``packets`` and the all-source qtype totals, and teach no hop value."""
-        if not records:
-            return
-        qtypes = Counter(map(_qtype, records))
-        flagged = any(map(_flags, records))
-        malformed = _with_flag(records, F_MALFORMED) if flagged else []
-        packets = _without_flag(records, F_EXTRA) if flagged else records
-        self.packets += len(packets)
-        if malformed:
-            qtypes[MALFORMED_QTYPE] = len(malformed)
-        for table in self._qtype_tables:
-            table.add_counts(now, qtypes)
-        if skip:
-            packets = _not_from(packets, skip)
-            if not packets:
-                return
-        verified = _with_flag(packets, F_VERIFIED) if flagged else []
-        sources = list(map(_src, packets))
-        vsources = list(map(_src, verified))
-        hop_check = bool(self.histories)
-        hops = _hop_bytes(packets) if hop_check else []
-        vhops = _hop_bytes(verified) if hop_check and verified else []
-        self._feed(now, self._source, sources, vsources, hops, vhops, self._source_history)
-        for (v4, v6), fed, history in self._prefixes:
-            self._feed(now, fed, prefix_keys(sources, v4, v6),
-                       prefix_keys(vsources, v4, v6) if vsources else [], hops, vhops,
-                       history)
-        if self.watched_qtypes.isdisjoint(qtypes):
-            return
-        for watched, fed in self._pair_groups:
-            if watched.isdisjoint(qtypes):
-                continue
-            chosen = list(compress(records, map(watched.__contains__, map(_qtype, records))))
-            if MALFORMED_QTYPE in watched:
-                chosen += malformed
-            if skip:
-                chosen = _not_from(chosen, skip)
-            keys = [qtype_key(r[1], MALFORMED_QTYPE if r[4] & F_MALFORMED else r[3])
-                    for r in chosen]
-            vkeys = list(compress(keys, map(and_, map(_flags, chosen), repeat(F_VERIFIED)))) \
-                if flagged else []
-            self._feed(now, fed, keys, vkeys, _hop_bytes(chosen) if hop_check else [], [],
-                       None, self._source_history)
+        only in ``packets`` and the all-source qtype totals, and teach no hop value.
+        ``weight`` >= 1: the records are a 1-in-``weight`` sample of the packets, every
+        count is multiplied by it (what the hop histories learn is not).
 
-    @staticmethod
-    def _feed(now: float, fed: _Fed, keys: list[bytes], vkeys: list[bytes], hops: list[bytes],
-              vhops: list[bytes], history: HopHistory | None,
-              values_of: HopHistory | None = None) -> None:
-        """Count ``keys`` (of the packets whose hop bytes are ``hops``, when hops are
-        checked), ``vkeys`` those over verified TCP (hop bytes ``vhops``, for the
-        history), and let ``history`` learn from them.
+        Returns True when this batch made some key of a ban rule's table go over that
+        rule's threshold (its running total: an upper bound of its window count; a
+        guard's keys while it is armed, all of them when it arms) that was not reported
+        since the last :meth:`take_candidates`: the decision should look now.
+
+        Columns all the way (:class:`floodd.detect.parse.Records`; tuples are turned
+        into columns first): one C pass per table over the batch's keys, one more per
+        ban table for its crossings, nothing per packet for what no rule reads.
+        """
+        if weight < 1:
+            raise ValueError(f"weight must be at least 1, got {weight!r}")
+        cols = Records.of(records)
+        if not cols:
+            return False
+        new: list[tuple[TableSpec, list[bytes]]] = []
+        srcs, qtypes, hops, flags = cols.src, cols.qtype, cols.hop, cols.flags
+        malformed: list[int] = []
+        if flags is not None:
+            malformed = list(map(and_, flags, repeat(F_MALFORMED)))
+            extra = list(map(and_, flags, repeat(F_EXTRA)))
+            if any(extra):  # further messages of a TCP segment: queries, not packets
+                packet = list(map(not_, extra))
+                srcs, hops, flags = (list(compress(srcs, packet)), list(compress(hops, packet)),
+                                     list(compress(flags, packet)))
+        self.packets += len(srcs) * weight
+        counted: Counter[int] | None = None
+        if self._qtype_tables or self._pair_groups:
+            counted = Counter(qtypes)
+            if malformed and any(malformed):
+                counted[MALFORMED_QTYPE] = len(malformed) - malformed.count(0)
+        if self._qtype_tables and counted is not None:
+            totals = counted if weight == 1 else Counter(
+                dict(zip(counted, map(mul, counted.values(), repeat(weight)))))
+            for table in self._qtype_tables:
+                table.add_counts(now, totals)
+            if self._guards:
+                self._arm(now, new)
+        if skip and not skip.isdisjoint(srcs):
+            keep = list(map(not_, map(skip.__contains__, srcs)))
+            srcs, hops = list(compress(srcs, keep)), list(compress(hops, keep))
+            flags = list(compress(flags, keep)) if flags is not None else None
+        hop_check = bool(self.histories)
+        if srcs:
+            vsrcs: list[bytes] = []
+            vhops: list[int] = []
+            if flags is not None:
+                verified = list(map(and_, flags, repeat(F_VERIFIED)))
+                if any(verified):
+                    vsrcs = list(compress(srcs, verified))
+                    vhops = list(compress(hops, verified))
+            self._feed(now, self._source, srcs, srcs, vsrcs, hops, vhops,
+                       self._source_history, None, weight, new)
+            for (v4, v6), fed, history in self._prefixes:
+                self._feed(now, fed, prefix_keys(srcs, v4, v6), srcs,
+                           prefix_keys(vsrcs, v4, v6) if vsrcs else [], hops, vhops,
+                           history, None, weight, new)
+        if counted is not None and not self.watched_qtypes.isdisjoint(counted):
+            for watched, fed in self._pair_groups:
+                if watched.isdisjoint(counted):
+                    continue
+                mask = list(map(watched.__contains__, qtypes))
+                if MALFORMED_QTYPE in watched and malformed:
+                    mask = list(map(or_, mask, malformed))
+                chosen = list(compress(range(len(qtypes)), mask))
+                csrc = list(map(cols.src.__getitem__, chosen))
+                cqt = list(map(qtypes.__getitem__, chosen))
+                if malformed:  # the malformed ones have qtype -1
+                    cqt = [MALFORMED_QTYPE if qt < 0 else qt for qt in cqt]
+                suffixes = {qt: qtype_suffix(qt) for qt in set(cqt)}
+                ckeys = list(map(add, csrc, map(suffixes.__getitem__, cqt)))
+                chops = list(map(cols.hop.__getitem__, chosen)) if hop_check else []
+                cflags = list(map(cols.flags.__getitem__, chosen)) \
+                    if cols.flags is not None else None
+                if skip and not skip.isdisjoint(csrc):
+                    keep = list(map(not_, map(skip.__contains__, csrc)))
+                    csrc, ckeys = list(compress(csrc, keep)), list(compress(ckeys, keep))
+                    chops = list(compress(chops, keep))
+                    cflags = list(compress(cflags, keep)) if cflags is not None else None
+                vkeys = list(compress(ckeys, map(and_, cflags, repeat(F_VERIFIED)))) \
+                    if cflags is not None else []
+                self._feed(now, fed, ckeys, csrc, vkeys, chops, [], None,
+                           self._source_history, weight, new)
+        return self._report(new)
+
+    def _feed(self, now: float, fed: _Fed, keys: list[bytes], sources: list[bytes],
+              vkeys: list[bytes], hops: list[int], vhops: list[int],
+              history: HopHistory | None, values_of: HopHistory | None, weight: int,
+              new: list[tuple[TableSpec, list[bytes]]]) -> None:
+        """Count ``keys`` (of the packets from ``sources`` whose hop values are ``hops``,
+        when hops are checked), ``vkeys`` those over verified TCP (hop values ``vhops``,
+        for the history), let ``history`` learn from them, and note in ``new`` the keys
+        that went over a ban threshold watched.
 
         The ``+hop`` tables count only the packets arriving with a value ``values_of``
         (default: ``history``; for source + qtype keys, the per-source history) holds
@@ -387,28 +451,101 @@ class Traffic:
         values, so a forged flood, or one of unknown sources, costs one C pass here and
         no table entries.  A value is counted from when it is held: a value held since
         less than the window counts fewer packets, which can only narrow a ban."""
-        for table in fed.counts:
-            table.add_keys(now, keys)
+        thresholds = self._thresholds
+        for spec, table in fed.counts:
+            table.add_keys(now, keys, weight)
+            threshold = thresholds.get(spec)
+            if threshold is not None:
+                crossed = table.crossed(keys, threshold, weight)
+                if crossed:
+                    new.append((spec, crossed))
         if vkeys:
             for table in fed.tcp:
-                table.add_keys(now, vkeys)
-        if not (fed.hops or history is not None):
+                table.add_keys(now, vkeys, weight)
+        if history is not None and history.learns(now, len(keys), len(vkeys)):
+            history.observe(now, hop_keys(keys, hops), hop_keys(vkeys, vhops))
+        values = values_of or history
+        if not fed.hops or values is None:
             return
-        pairs = list(map(add, keys, hops))
-        if history is not None:
-            history.observe(now, pairs, list(map(add, vkeys, vhops)))
-        source_values = values_of or history
-        if not fed.hops or source_values is None:
+        # Only the packets of keys (sources) with values held can count: one C pass.
+        gate = keys if values_of is None else sources
+        established = values.established_keys()
+        if established.isdisjoint(gate):
             return
-        held = source_values.held_pairs()
+        known = list(map(established.__contains__, gate))
+        pairs = hop_keys(compress(keys, known), compress(hops, known))
         if values_of is None:
-            wanted = map(held.__contains__, pairs)
+            tests = pairs
         else:  # source + qtype keys: the source, then the hop byte
-            wanted = map(held.__contains__, map(add, map(_source_part, keys), hops))
-        counted = list(compress(pairs, wanted))
+            tests = hop_keys(compress(sources, known), compress(hops, known))
+        counted = list(compress(pairs, map(values.held_pairs().__contains__, tests)))
         if counted:
             for table in fed.hops:
-                table.add_keys(now, counted)
+                table.add_keys(now, counted, weight)
+
+    def _watched_thresholds(self) -> dict[TableSpec, int]:
+        """Per ban rule table, the lowest threshold of its ban rules (guards while armed)."""
+        out: dict[TableSpec, int] = {}
+        for spec, rules in self._bans.items():
+            levels = [rule.threshold for rule in rules
+                      if rule.total_threshold is None or rule in self._armed]
+            if levels:
+                out[spec] = min(levels)
+        return out
+
+    def _arm(self, now: float, new: list[tuple[TableSpec, list[bytes]]]) -> None:
+        """Follow the guards' all-source totals: one that arms puts every key of its
+        table over its threshold in ``new`` (they went over before it counted)."""
+        armed = {rule for rule in self._guards
+                 if self.rule_total(now, rule) > (rule.total_threshold or 0)}
+        if armed == self._armed:
+            return
+        for rule in armed - self._armed:
+            spec = table_spec(rule, self._config)
+            keys = self.tables[spec].running_over(rule.threshold)
+            if keys:
+                new.append((spec, keys))
+        self._armed = armed
+        self._thresholds = self._watched_thresholds()
+
+    def _report(self, new: list[tuple[TableSpec, list[bytes]]]) -> bool:
+        """Add the keys that went over to the candidates: whether any was not there."""
+        woke = False
+        for spec, keys in new:
+            pending = self._candidates.setdefault(spec, set())
+            size = len(pending)
+            pending.update(keys)
+            woke = woke or len(pending) > size
+        return woke
+
+    def take_candidates(self) -> Candidates:
+        """The keys reported by :meth:`add_batch` since the last call, per rule table
+        (read only; for :meth:`over`), and forget them."""
+        if not self._candidates:
+            return NO_CANDIDATES
+        taken = MappingProxyType({spec: frozenset(keys)
+                                  for spec, keys in self._candidates.items()})
+        self._candidates = {}
+        return taken
+
+    def over(self, now: float, rule: Rule,
+             candidates: Candidates | None = None) -> list[tuple[bytes, int]]:
+        """The keys of ``rule``'s table (for a qtype rule, those of its qtype) with more
+        than its threshold in its window, most first; with ``candidates``, only among
+        those (a handful of lookups).  Without, the keys whose running total is over
+        are selected in C and only those counted: no Python step per key tracked.
+        The guard (``total_threshold``) is the caller's to check (:meth:`rule_total`)."""
+        spec = table_spec(rule, self._config)
+        table = self.tables[spec]
+        qt = rule_qtype(rule)
+        if candidates is None:
+            keys: Iterable[bytes] = table.running_over(rule.threshold)
+        else:
+            keys = candidates.get(spec, ())
+        if qt is not None:
+            suffix = qtype_suffix(qt)
+            keys = [key for key in keys if key.endswith(suffix)]
+        return table.over_among(now, keys, rule.threshold)
 
     def forget(self, src: bytes) -> None:
         """Drop the counts of source ``src`` from every table keyed by it (per source and
@@ -423,7 +560,7 @@ class Traffic:
                                                for watched, fed in self._pair_groups]
         for fed, keys in fed_keys:
             for key in keys:
-                for table in fed.counts + fed.tcp:
+                for table in [t for _, t in fed.counts] + fed.tcp:
                     table.forget(key)
                 for table in fed.hops:
                     for hop in held:
