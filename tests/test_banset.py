@@ -310,10 +310,13 @@ def test_a_failed_iptables_commit_leaves_the_mirror_equal_to_the_kernel(
     bans = BanSet(FW)
     in_server(bans.start, clock(), iptables_backend.IptablesBackend([53], ["udp", "tcp"]))
     in_server(bans.ban, clock(), [NewBan(A, "query-flood", 600)])
+    # A ban of one query type is an iptables rule (whole-source bans are ipset entries,
+    # which take no xtables lock).
+    any_only = Scope(udp_only=True, qtype=255)
     with open(lock) as held:  # another program changes the tables meanwhile
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(BanFailure) as exc:
-            in_server(bans.ban, clock(), [NewBan(B, "manual", 600)])
+            in_server(bans.ban, clock(), [NewBan(B, "manual", 600, any_only)])
     held_by_another = f"another program holds the xtables lock {lock} (waited 0.3 s)"
     assert str(exc.value) == f"{held_by_another}; cannot read the bans: {held_by_another}"
     clock.mono += RETRY_AFTER + 1
