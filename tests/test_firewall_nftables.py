@@ -4,7 +4,6 @@ every kernel backend promises (parametrized over the backends this host can run)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import json
 import math
@@ -22,7 +21,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import floodd.command
-import floodd.enforce.firewall.iptables
 from faults import FaultyCommand
 from floodd.config import FirewallConfig
 from floodd.errors import FlooddError
@@ -617,6 +615,7 @@ def _wipe(lab: Any, backend_name: str) -> None:
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             lab.run(lab.server_ns, [tool, "-F"])
             lab.run(lab.server_ns, [tool, "-X"])
+        lab.run(lab.server_ns, ["ipset", "destroy"])
 
 
 def test_repair_after_an_external_flush(dns_lab: Any, in_server: Any,
@@ -707,7 +706,7 @@ def test_drop_rules_follow_new_ports_and_protocols(lab: Any, in_server: Any, in_
 def _commit_fails(backend_name: str, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Any]]:
     """A context giving ``failing()``: within it, a commit of that backend fails (nft
-    refuses the transaction; the xtables lock is held by someone else)."""
+    refuses the transaction; ipset refuses the batch)."""
     if backend_name == "nftables":
         nft = FaultyCommand(tmp_path / "bin", "nft")
         monkeypatch.setenv("PATH", f"{nft.dir}{os.pathsep}{os.environ['PATH']}")
@@ -718,16 +717,14 @@ def _commit_fails(backend_name: str, tmp_path: Path,
             yield
             nft.heal()
     else:
-        lock = tmp_path / "xtables.lock"
-        lock.touch()
-        monkeypatch.setenv("XTABLES_LOCKFILE", str(lock))
-        monkeypatch.setattr(floodd.enforce.firewall.iptables, "LOCK_WAIT", 0.3)
+        ipset = FaultyCommand(tmp_path / "bin", "ipset")
+        monkeypatch.setenv("PATH", f"{ipset.dir}{os.pathsep}{os.environ['PATH']}")
 
         @contextlib.contextmanager
         def failing() -> Iterator[None]:
-            with open(lock) as held:
-                fcntl.flock(held, fcntl.LOCK_EX)
-                yield
+            ipset.fail()
+            yield
+            ipset.heal()
     yield failing
 
 
