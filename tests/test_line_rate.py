@@ -89,6 +89,7 @@ def test_a_crossing_is_banned_at_once_not_at_the_next_tick(lab: Lab, floodd: Sta
 def test_a_banned_flood_leaves_the_capture(lab: Lab, wire: load.Wire, floodd: Start,
                                            tmp_path: Path) -> None:
     source = "203.0.113.42"
+    load.add_address(lab, source)  # the server's answers need the flooder's neighbour entry
     capture = load.write_frames(tmp_path / "flood.pcap",
                                 load.query_frames(wire, source, 20_000))
     daemon = floodd(daemon=SLOW_TICK)
@@ -113,12 +114,13 @@ def test_a_banned_flood_leaves_the_capture(lab: Lab, wire: load.Wire, floodd: St
     assert received < 0.01 * dropped, (received, dropped)
     # A legitimate client is still counted, and answered.
     load.add_address(lab, "198.51.100.43")
-    assert any(lab.dig("lab.example", source="198.51.100.43", timeout=3) for _ in range(3))
+    assert lab.dig("lab.example", source="198.51.100.43")
 
 
 def test_an_unbanned_source_is_captured_again(lab: Lab, wire: load.Wire, floodd: Start,
                                               tmp_path: Path) -> None:
     source = "203.0.113.44"
+    load.add_address(lab, source)
     capture = load.write_frames(tmp_path / "flood.pcap",
                                 load.query_frames(wire, source, 20_000))
     daemon = floodd(daemon=SLOW_TICK)
@@ -145,6 +147,7 @@ def test_a_flooder_hidden_in_a_random_source_flood_is_banned(lab: Lab, wire: loa
     capture: floodd samples in the kernel rather than dropping at random, and the real
     flooder inside it (one in every 13 packets) is still banned."""
     flooder = "203.0.113.45"
+    load.add_address(lab, flooder)
     frames = load.interleave(load.spoofed_frames(wire, 120_000, seed=7),
                              load.query_frames(wire, flooder, 10_000))
     capture = load.write_frames(tmp_path / "random.pcap", frames)
