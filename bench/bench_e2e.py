@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from floodd.config import DEFAULT_RULES
-from lab import dnsdist, forge, load
+from lab import dnsdist, load
 from lab.netns import Lab
 
 FLOODERS = ("203.0.113.11", "203.0.113.12", "203.0.113.13")
@@ -395,12 +395,6 @@ def rule(threshold: int) -> dict[str, Any]:
     return {**base, "threshold": threshold, "window": WINDOW}
 
 
-def aim(perf: load.Dnsperf, server: str) -> load.Dnsperf:
-    """The dnsperf asks ``server`` instead of the lab's BIND."""
-    perf.argv[perf.argv.index("-s") + 1] = server
-    return perf
-
-
 class Floods:
     """The captures the replayed scenarios send, written once per destination."""
 
@@ -414,14 +408,15 @@ class Floods:
         if path.exists():
             return path
         if scenario == "max":
-            frames = forge.flooder_frames(self.wire, FLOODERS, PER_FLOODER_FRAMES,
-                                          server=server, qname=f"www.{self.lab.zone}")
+            frames = load.interleave(*(load.query_frames(
+                self.wire, source, PER_FLOODER_FRAMES, server=server,
+                qname=f"www.{self.lab.zone}") for source in FLOODERS))
         elif scenario == "forged":
-            frames = forge.random_source_frames(self.wire, FORGED_SOURCES, server=server,
-                                                qname=f"www.{self.lab.zone}")
+            frames = load.spoofed_frames(self.wire, FORGED_SOURCES, server=server,
+                                         qname=f"www.{self.lab.zone}")
         else:  # the hidden flooder: one second of its queries
-            frames = forge.flooder_frames(self.wire, (HIDDEN,), HIDDEN_FRAMES, server=server,
-                                          qname=f"www.{self.lab.zone}")
+            frames = load.query_frames(self.wire, HIDDEN, HIDDEN_FRAMES, server=server,
+                                       qname=f"www.{self.lab.zone}")
         return load.write_frames(path, frames)
 
 
@@ -463,8 +458,8 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
             for poller in (status, blocks):
                 if poller is not None:
                     poller.start()
-            legit = aim(load.Dnsperf(lab, LEGIT, rundir, duration=setup.seconds + 2,
-                                     rate=setup.legit_rate), server).start()
+            legit = load.Dnsperf(lab, LEGIT, rundir, duration=setup.seconds + 2,
+                                 rate=setup.legit_rate, server=server).start()
             # A lead-in of random length: the flood meets the defender's periodic work
             # (floodd's tick, dnsdist's maintenance) at a random phase.
             time.sleep(1 + random.random())
@@ -472,9 +467,8 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
                 for address in FLOODERS:
                     if perfs:
                         time.sleep(STAGGER)
-                    perfs.append(aim(load.Dnsperf(lab, address, rundir,
-                                                  duration=setup.seconds, rate=setup.rate),
-                                     server).start())
+                    perfs.append(load.Dnsperf(lab, address, rundir, duration=setup.seconds,
+                                              rate=setup.rate, server=server).start())
                 started = min(p.started for p in perfs)
                 reports = [p.wait() for p in perfs]
                 ended = time.time()

@@ -133,32 +133,3 @@ def shipped_config(workdir: Path, *, backend: str = "nftables", fast_window: flo
     path = workdir / "floodd.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-# --- floods at the box's maximum (bench.bench_e2e) --------------------------------------
-def flooder_frames(wire: load.Wire, sources: Sequence[str], per_source: int, *,
-                   server: str = Lab.server_v4, qname: str = "www.lab.example") -> list[bytes]:
-    """``per_source`` A queries from each of ``sources`` to ``server`` (the lab's BIND, or
-    a peer in front of it), in rounds: each source's queries spread over the whole list.
-    Sources are real addresses (add them with ``load.add_address``): the replies are
-    routed to the client namespace and can be counted."""
-    if per_source < 1 or not sources:
-        raise ValueError("flooder frames need sources and a positive count")
-    frames = []
-    for r in range(per_source):
-        payload = synth.dns_query(qname, "A", r & 0xFFFF)
-        for source in sources:
-            frames.append(load.ethernet(wire, synth.udp_datagram(
-                source, server, payload, 1024 + r % 64000)))
-    return frames
-
-
-def random_source_frames(wire: load.Wire, count: int, *, server: str = Lab.server_v4,
-                         qname: str = "www.lab.example", seed: int = 0) -> list[bytes]:
-    """A forged random-source flood: ``count`` A queries to ``server``, each from another
-    address of 198.18.0.0/15 (at most its 131,072), in random order: looped at R
-    packets/s, each source sends R / ``count`` queries a second, none can be singled out.
-    The replies go to the lab's gateway and die there."""
-    payload = synth.dns_query(qname, "A", 0)
-    return [load.ethernet(wire, synth.udp_datagram(src, server, payload, 1024 + i % 64000))
-            for i, src in enumerate(load.spoofed_sources(count, seed=seed))]

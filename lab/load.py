@@ -125,13 +125,14 @@ class Dnsperf:
 
     def __init__(self, lab: Lab, source: str, workdir: Path, *, duration: float,
                  rate: float | None = None, clients: int = 1,
-                 interval: int | None = None) -> None:
+                 interval: int | None = None, server: str | None = None) -> None:
         if duration <= 0:
             raise ValueError("dnsperf needs a positive duration")
         self.lab = lab
         self.source = source
         self.duration = duration
-        server = lab.server_v6 if ":" in source else lab.server_v4
+        if server is None:
+            server = lab.server_v6 if ":" in source else lab.server_v4
         tag = source.replace(":", "_")
         self.output = workdir / f"dnsperf-{tag}-{time.monotonic_ns()}.out"
         argv = ["dnsperf", "-s", server, "-a", source, "-d", str(_legit_queries(workdir)),
@@ -234,10 +235,11 @@ def ethernet(wire: Wire, packet: bytes) -> bytes:
 
 
 def query_frames(wire: Wire, source: str, count: int, *, qname: str = "www.lab.example",
-                 qtype: str = "A") -> list[bytes]:
-    """``count`` queries from one source to the lab's server (source port and query id
-    vary)."""
-    server = Lab.server_v6 if ":" in source else Lab.server_v4
+                 qtype: str = "A", server: str | None = None) -> list[bytes]:
+    """``count`` queries from one source to ``server`` (default: the lab's BIND; source
+    port and query id vary)."""
+    if server is None:
+        server = Lab.server_v6 if ":" in source else Lab.server_v4
     return [ethernet(wire, synth.udp_datagram(source, server,
                                               synth.dns_query(qname, qtype, i & 0xFFFF),
                                               1024 + i % 64000))
@@ -254,10 +256,13 @@ def spoofed_sources(count: int, *, seed: int = 0) -> list[str]:
     return [str(ipaddress.IPv4Address(base + i)) for i in picked]
 
 
-def spoofed_frames(wire: Wire, count: int, *, seed: int = 0) -> list[bytes]:
-    """One A query from each of ``count`` distinct spoofed sources of 198.18.0.0/15."""
-    payload = synth.dns_query("www.lab.example", "A", 0)
-    return [ethernet(wire, synth.udp_datagram(src, Lab.server_v4, payload, 1024 + i % 64000))
+def spoofed_frames(wire: Wire, count: int, *, seed: int = 0, server: str = Lab.server_v4,
+                   qname: str = "www.lab.example") -> list[bytes]:
+    """One A query from each of ``count`` distinct spoofed sources of 198.18.0.0/15 (a
+    forged random-source flood: looped, no source can be singled out; the replies go to
+    the lab's gateway and die there)."""
+    payload = synth.dns_query(qname, "A", 0)
+    return [ethernet(wire, synth.udp_datagram(src, server, payload, 1024 + i % 64000))
             for i, src in enumerate(spoofed_sources(count, seed=seed))]
 
 
