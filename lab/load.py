@@ -121,7 +121,7 @@ class Dnsperf:
     """dnsperf from ``source`` (an address it adds to the client namespace) asking
     :data:`LEGIT_QUERIES` in turn, with ``clients`` sockets; ``rate`` None sends as fast
     as :data:`OUTSTANDING` lets it; ``interval`` prints answers/s every so many seconds
-    (:meth:`intervals`)."""
+    (:meth:`intervals`); ``server`` the address asked (default: the lab's BIND)."""
 
     def __init__(self, lab: Lab, source: str, workdir: Path, *, duration: float,
                  rate: float | None = None, clients: int = 1,
