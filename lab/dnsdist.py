@@ -16,9 +16,7 @@ joined that network namespace (setns(2)).
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -28,11 +26,10 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any, Callable, TypeVar
 
-from lab.netns import GATEWAY_V4, Lab
+from lab.netns import GATEWAY_V4, Lab, enter_netns
 
 ADDRESS = "192.0.2.54"  # where dnsdist listens; BIND stays on Lab.server_v4
 WEB_PORT = 8083  # dnsdist's web server, on the server namespace's 127.0.0.1
-CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 
 _CONFIG = """\
 -- written by lab.dnsdist
@@ -65,14 +62,7 @@ def in_netns(ns: str, call: Callable[[], T], timeout: float = 5.0) -> T:
     error: list[BaseException] = []
 
     def body() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
-        finally:
-            os.close(fd)
+        enter_netns(ns)
         try:
             result.append(call())
         except BaseException as exc:  # handed to the caller's thread

@@ -12,6 +12,8 @@ Everything is removed on exit, also when the body raises.
 
 from __future__ import annotations
 
+import ctypes
+
 import os
 import shutil
 import signal
@@ -216,3 +218,19 @@ def _own_group(proc: subprocess.Popen[Any]) -> bool:
         return os.getpgid(proc.pid) == proc.pid
     except ProcessLookupError:
         return False
+
+
+CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
+
+
+def enter_netns(ns: str) -> None:
+    """Move the calling thread into network namespace ``ns`` (ip netns's /run/netns/NS):
+    sockets it opens, and processes it starts, live there; other threads stay."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)

@@ -3,7 +3,6 @@ command line as a real process, and the firewall backends this host can run."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -19,10 +18,10 @@ from typing import Any, Callable, Iterator, TypeVar
 import pytest
 
 from daemon_helpers import journald_running
+from lab.netns import enter_netns
 
 T = TypeVar("T")
 
-CLONE_NEWNET = 0x40000000
 
 # The test command (scripts/test.sh) sets this: there, where everything is installed, a
 # skipped test means a missing fixture or tool, and the run fails instead of passing.
@@ -103,24 +102,13 @@ class InNamespace:
     """
 
     def __init__(self, ns: str) -> None:
-        self._pool = ThreadPoolExecutor(1, initializer=_enter_netns, initargs=(ns,))
+        self._pool = ThreadPoolExecutor(1, initializer=enter_netns, initargs=(ns,))
 
     def __call__(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return self._pool.submit(fn, *args, **kw).result(timeout=60)
 
     def close(self) -> None:
         self._pool.shutdown()
-
-
-def _enter_netns(ns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
