@@ -436,7 +436,8 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
     if defender == "floodd":
         config = load.lab_config(rundir, [rule(setup.threshold)],
                                  rate_table={"window": WINDOW},
-                                 firewall={"rescan_interval": 2})
+                                 firewall={"rescan_interval": 2},
+                                 capture={"exclude_banned": 64})
         fl = load.FlooddProcess(lab, config, rundir / "floodd.service.journal").start()
         pids["defender"] = fl.pid
         proc = fl

@@ -111,8 +111,9 @@ class CaptureConfig:
     buffer_size_mb: int = 32
     batch_size: int = 1024
     # The busiest banned sources whose packets the kernel filter keeps from floodd (their
-    # drops are read from the ban counters); 0: every packet reaches floodd.
-    exclude_banned: int = 64
+    # drops are read from the ban counters); 0 (the default for now: see the README):
+    # every packet reaches floodd.
+    exclude_banned: int = 0
     # At most 1 in this many packets counted when floodd cannot count them all (a power of
     # two; 1: never sample, the kernel drops what floodd cannot read).
     max_sampling: int = 64

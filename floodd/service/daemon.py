@@ -803,8 +803,9 @@ class Daemon:
         may end a ban by its timeout, and its packets must then be counted again; each
         rescan extends active bans and comes here again."""
         cfg = self.config
-        # A dry run's bans drop nothing: their packets must still be counted.
-        limit = 0 if self.backend_note.startswith("dry-run") else cfg.capture.exclude_banned
+        # A dry run's bans drop nothing: their packets must still be counted.  Only the
+        # nftables backend is shown to drop exactly what is left out (see the README).
+        limit = cfg.capture.exclude_banned if self.backend_note.startswith("nftables") else 0
         horizon = mono + cfg.firewall.rescan_interval + cfg.daemon.tick + 1.0
         banned = [t for t in self.bans.targets() if t.scope.qtype is None]
         self._heat = {t: self._heat.get(t, 0.0) for t in banned}
