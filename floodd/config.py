@@ -194,6 +194,21 @@ class DaemonConfig:
     state_dir: str = "/var/lib/floodd"
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT of the Prometheus endpoint (/metrics), or None: no endpoint.  HOST is an
+    # IP address (IPv6 in brackets), never a name: floodd does not resolve.
+    listen: str | None = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port), IPv6 without its brackets."""
+        if self.listen is None:
+            return None
+        host, port = _listen_address(self.listen)
+        return host, port
+
+
 DEFAULT_WHITELIST = ("127.0.0.0/8", "::1/128")
 
 DEFAULT_RULES: tuple[dict[str, Any], ...] = (
@@ -218,6 +233,7 @@ class Config:
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def settings(self) -> dict[str, Any]:
         """Everything but ``source``, as plain data (for comparison and display)."""
@@ -378,6 +394,28 @@ def _network(v: object) -> Network:
     return parse_network(v)
 
 
+def _listen_address(v: object) -> tuple[str, int]:
+    """``127.0.0.1:9466`` or ``[::1]:9466`` -> (host, port); ValueError otherwise."""
+    if not isinstance(v, str):
+        raise ValueError(v)
+    host, sep, port = v.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(v)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError(v)
+    elif ipaddress.ip_address(host).version != 4:
+        raise ValueError(v)  # an IPv6 address needs its brackets
+    return host, int(port)
+
+
+def _listen(v: object) -> str:
+    _listen_address(v)
+    assert isinstance(v, str)
+    return v.strip()
+
+
 def _match(v: object) -> str:
     if not isinstance(v, (str, int)) or isinstance(v, bool):
         raise ValueError(v)
@@ -440,7 +478,8 @@ def _is_multiple(value: float, step: float) -> bool:
     return abs(ratio - round(ratio)) < 1e-9
 
 
-_TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "trust", "daemon"}
+_TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "trust", "daemon",
+             "metrics"}
 
 
 def build_config(data: object, source: str = BUILTIN) -> Config:
@@ -558,8 +597,15 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
             raise ConfigError(source, f"rules[{i}].ban_time",
                               f"expected at least twice firewall.rescan_interval "
                               f"({shortest:g} s), got {rule.ban_time:g}")
+    mt = top.section("metrics")
+    mt.check_keys({f.name for f in fields(MetricsConfig)})
+    listen = None
+    if mt.data.get("listen") is not None:  # `listen:` left empty is off, as when absent
+        listen = mt.get("listen", None, _listen,
+                        "HOST:PORT with an IP address, such as 127.0.0.1:9466 or [::1]:9466")
+    metrics = MetricsConfig(listen=listen)
     return Config(source=source, capture=capture, rate_table=rate_table, whitelist=whitelist,
-                  rules=rules, firewall=firewall, trust=trust, daemon=daemon)
+                  rules=rules, firewall=firewall, trust=trust, daemon=daemon, metrics=metrics)
 
 
 def default_config() -> Config:
@@ -633,5 +679,7 @@ def summary(config: Config) -> list[str]:
         f"daemon: tick {c.daemon.tick:g} s (and {c.daemon.react_delay:g} s after a ban "
         f"threshold is crossed), log level {c.daemon.log_level}, "
         f"control socket {c.daemon.control_socket}, state in {c.daemon.state_dir}",
+        "metrics: " + (f"Prometheus endpoint http://{c.metrics.listen}/metrics"
+                       if c.metrics.listen else "off"),
     ]
     return lines

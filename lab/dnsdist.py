@@ -20,13 +20,12 @@ import json
 import secrets
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO, Any, Callable, TypeVar
+from typing import IO, Any
 
-from lab.netns import GATEWAY_V4, Lab, enter_netns
+from lab.netns import GATEWAY_V4, Lab, in_netns
 
 ADDRESS = "192.0.2.54"  # where dnsdist listens; BIND stays on Lab.server_v4
 WEB_PORT = 8083  # dnsdist's web server, on the server namespace's 127.0.0.1
@@ -47,35 +46,10 @@ function maintenance()
 end
 """
 
-T = TypeVar("T")
-
 
 def available() -> bool:
     """Whether dnsdist is installed."""
     return shutil.which("dnsdist") is not None
-
-
-def in_netns(ns: str, call: Callable[[], T], timeout: float = 5.0) -> T:
-    """``call()`` run in a thread that joined network namespace ``ns`` (ip netns's
-    /run/netns/NS): sockets it opens live there.  Only that thread moves."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def body() -> None:
-        enter_netns(ns)
-        try:
-            result.append(call())
-        except BaseException as exc:  # handed to the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=body, name=f"netns-{ns}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise RuntimeError(f"no answer within {timeout:g} s in namespace {ns}")
-    if error:
-        raise error[0]
-    return result[0]
 
 
 class Dnsdist:

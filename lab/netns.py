@@ -19,9 +19,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 SERVER_V4 = "192.0.2.53"
 SERVER_V6 = "2001:db8::53"
@@ -223,6 +224,9 @@ def _own_group(proc: subprocess.Popen[Any]) -> bool:
 CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 
 
+T = TypeVar("T")
+
+
 def enter_netns(ns: str) -> None:
     """Move the calling thread into network namespace ``ns`` (ip netns's /run/netns/NS):
     sockets it opens, and processes it starts, live there; other threads stay."""
@@ -234,3 +238,26 @@ def enter_netns(ns: str) -> None:
             raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def in_netns(ns: str, call: Callable[[], T], timeout: float = 5.0) -> T:
+    """``call()`` run in a thread that joined network namespace ``ns`` (ip netns's
+    /run/netns/NS): sockets it opens live there.  Only that thread moves."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        enter_netns(ns)
+        try:
+            result.append(call())
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name=f"netns-{ns}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RuntimeError(f"no answer within {timeout:g} s in namespace {ns}")
+    if error:
+        raise error[0]
+    return result[0]

@@ -12,7 +12,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc libc6-dev pkg-config libpcap-dev libsystemd-dev \
     iptables ipset nftables iproute2 tcpdump tcpreplay bind9 dnsutils dnsperf systemd \
-    >/dev/null
+    prometheus tmux >/dev/null
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi

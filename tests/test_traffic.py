@@ -394,3 +394,35 @@ def test_reports_leave_out_banned_sources() -> None:
     t = Traffic(configured({"rules": [{"name": "all", "threshold": 2}]}))
     assert not t.add_batch(1.0, [rec(1.0, S1)] * 5, skip=frozenset({S1}))
     assert t.packets == 5 and t.take_candidates() == {}
+
+
+def test_queries_by_qtype_count_every_query_banned_sources_included() -> None:
+    traffic = Traffic(configured({}))
+    batch = [rec(0, S1)] * 3 + [rec(0, S2, ANY), rec(0, S2, -1, flags=F_MALFORMED),
+                                rec(0, S2, -1, flags=F_VERIFIED, proto=6)]  # a bare segment
+    traffic.add_batch(1.0, batch, skip={S2})
+    traffic.add_batch(1.0, [rec(0, S1, ANY)], weight=4)
+    assert traffic.queries == {A: 3, ANY: 5, MALFORMED_QTYPE: 1}
+
+
+def test_qtype_mix_estimates_each_sources_types_from_a_sample() -> None:
+    traffic = Traffic(configured({}))
+    for _ in range(40):  # batches of 5: the sample runs on across batches
+        traffic.add_batch(1.0, [rec(0, S1)] * 3 + [rec(0, S1, ANY), rec(0, S2, 28)])
+    mix = traffic.qtype_mix(1.0, S1)
+    assert set(mix) == {A, ANY} and list(mix)[0] == A, mix  # the busiest type first
+    assert 0.5 < mix[A] / (3 * 40) < 1.5 and 0.5 < mix[ANY] / 40 < 1.5, mix
+    assert traffic.qtype_mix(1.0, S2) and set(traffic.qtype_mix(1.0, S2)) == {28}
+    assert traffic.qtype_mix(1.0, S6) == {}
+    assert traffic.table_keys()["mix"] == 3
+
+
+def test_table_keys_are_summed_by_kind() -> None:
+    traffic = Traffic(configured({"rules": [
+        {"name": "a", "match": "all", "threshold": 10, "window": 10},
+        {"name": "b", "match": "all", "threshold": 10, "window": 20},
+        {"name": "c", "match": "ANY", "threshold": 10, "window": 10}]}))
+    traffic.add_batch(1.0, [rec(0, S1), rec(0, S2, ANY)])
+    keys = traffic.table_keys()
+    assert keys["source"] == 4  # two tables (two windows), two sources each
+    assert keys["source+qtype"] == 1

@@ -62,7 +62,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from itertools import compress, repeat
-from operator import add, and_, itemgetter, mul, not_, or_
+from operator import add, and_, itemgetter, le, mul, not_, or_
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -70,6 +70,7 @@ from floodd.config import MATCH_ALL, MATCH_MALFORMED, Config, Network, Rule
 from floodd.detect.hops import HOP_BYTES, HopEvidence, HopHistory, hop_keys
 from floodd.detect.parse import F_EXTRA, F_MALFORMED, F_VERIFIED, Record, Records
 from floodd.detect.ratetable import RateTable
+from floodd.qtypes import qtype_name
 
 # Not a real qtype (those are 0..65535): marks malformed packets in the qtype tables.
 MALFORMED_QTYPE = 0x1_0000
@@ -82,6 +83,10 @@ HOP_SUFFIX, TCP_SUFFIX = "+hop", "+tcp"  # the kinds of a rule table's evidence 
 EVIDENCE_SHARE = 8  # an evidence table holds 1/8 of its rule table's capacity
 
 _source_part = itemgetter(slice(None, -3))  # the source of a source + qtype key (_QT_BYTES)
+# The per-source query-type mix (status and ``top`` only) counts 1 packet in this many:
+# a mix is a proportion, and the busiest sources, the ones shown, have packets to spare.
+MIX_SAMPLE = 16
+MIX_QTYPES = 16  # query types looked up for a source's mix: the most counted overall
 
 
 def prefix_key(src: bytes, v4: int, v6: int) -> bytes:
@@ -121,6 +126,11 @@ def prefix_network(key: bytes, v4: int, v6: int) -> Network:
     return ipaddress.ip_network((key, v4 if len(key) == 4 else v6))
 
 
+def qtype_label(code: int) -> str:
+    """A query type's name, ``malformed`` for the pseudo type of malformed packets."""
+    return "malformed" if code == MALFORMED_QTYPE else qtype_name(code)
+
+
 def qtype_key(src: bytes, qtype: int) -> bytes:
     return src + qtype_suffix(qtype)
 
@@ -141,6 +151,31 @@ def rule_qtype(rule: Rule) -> int | None:
     if rule.match == MATCH_MALFORMED:
         return MALFORMED_QTYPE
     return rule.qtype
+
+
+def source_qtype_keys(records: Sequence[Record]) -> list[bytes]:
+    """The :func:`qtype_key` of every record with a query type (malformed ones: with
+    MALFORMED_QTYPE; a bare TCP segment has none), for each source's query-type mix.
+    Built in C for the usual batch, with no flags and every query type known."""
+    cols = Records.of(records)
+    srcs, qtypes, flags = cols.src, cols.qtype, cols.flags
+    if flags is not None:
+        if min(qtypes) < 0:
+            malformed = list(map(and_, flags, repeat(F_MALFORMED)))
+            qtypes = [MALFORMED_QTYPE if bad else qt for qt, bad in zip(qtypes, malformed)]
+            typed = list(map(le, repeat(0), qtypes))  # a bare TCP segment has no qtype
+            srcs, qtypes = list(compress(srcs, typed)), list(compress(qtypes, typed))
+    elif qtypes and min(qtypes) < 0:  # bare TCP segments, without flags
+        typed = list(map(le, repeat(0), qtypes))
+        srcs, qtypes = list(compress(srcs, typed)), list(compress(qtypes, typed))
+    suffix = {qt: qtype_suffix(qt) for qt in set(qtypes)}
+    return list(map(add, srcs, map(suffix.__getitem__, qtypes)))
+
+
+def every_nth(cols: Records, start: int, step: int) -> Records:
+    """The records ``start``, ``start + step``, ... of ``cols`` (their columns sliced)."""
+    flags = cols.flags[start::step] if cols.flags is not None else None
+    return Records(cols.src[start::step], cols.qtype[start::step], cols.hop[start::step], flags)
 
 
 def packet_sources(records: Sequence[Record]) -> list[bytes]:
@@ -254,6 +289,11 @@ class Traffic:
 
     def __init__(self, config: Config, track_peak: bool = False) -> None:
         self.packets = 0  # every packet counted since start (banned sources included)
+        # Every query counted since start by query type (MALFORMED_QTYPE: malformed
+        # packets), banned sources included; bare TCP segments are not queries.
+        self.queries: Counter[int] = Counter()
+        self._mix_spec: TableSpec | None = None
+        self._mix_next = 0  # the next sampled record's index in the next batch
         self._track_peak = track_peak
         self.tables: dict[TableSpec, RateTable[Any]] = {}  # read only: see reconfigure
         self.histories: dict[tuple[str, int, int], HopHistory] = {}  # read only
@@ -284,6 +324,10 @@ class Traffic:
         self.tables = {spec: self._make(spec, config) if old.get(spec) is None else old[spec]
                         for spec in specs}
         self.sources: RateTable[bytes] = self.tables[status_spec(config)]
+        if self._mix_spec != status_spec(config):
+            self._mix_spec = spec = status_spec(config)
+            # Per source + qtype key, 1 in MIX_SAMPLE packets: see qtype_mix().
+            self.mix: RateTable[bytes] = RateTable(spec.window, spec.bucket, spec.capacity)
 
         old_histories = self.histories
         self.histories = {}
@@ -377,14 +421,15 @@ class Traffic:
                 srcs, hops, flags = (list(compress(srcs, packet)), list(compress(hops, packet)),
                                      list(compress(flags, packet)))
         self.packets += len(srcs) * weight
-        counted: Counter[int] | None = None
-        if self._qtype_tables or self._pair_groups:
-            counted = Counter(qtypes)
-            if malformed and any(malformed):
-                counted[MALFORMED_QTYPE] = len(malformed) - malformed.count(0)
-        if self._qtype_tables and counted is not None:
-            totals = counted if weight == 1 else Counter(
-                dict(zip(counted, map(mul, counted.values(), repeat(weight)))))
+        counted = Counter(qtypes)
+        if malformed and any(malformed):
+            counted[MALFORMED_QTYPE] = len(malformed) - malformed.count(0)
+        totals = counted if weight == 1 else Counter(
+            dict(zip(counted, map(mul, counted.values(), repeat(weight)))))
+        self.queries.update(totals)
+        self.queries.pop(-1, None)  # malformed (counted above) and bare TCP segments
+        self._count_mix(now, cols, weight)
+        if self._qtype_tables:
             for table in self._qtype_tables:
                 table.add_counts(now, totals)
             if self._guards:
@@ -408,7 +453,7 @@ class Traffic:
                 self._feed(now, fed, prefix_keys(srcs, v4, v6), srcs,
                            prefix_keys(vsrcs, v4, v6) if vsrcs else [], hops, vhops,
                            history, None, weight, new)
-        if counted is not None and not self.watched_qtypes.isdisjoint(counted):
+        if not self.watched_qtypes.isdisjoint(counted):
             for watched, fed in self._pair_groups:
                 if watched.isdisjoint(counted):
                     continue
@@ -435,6 +480,30 @@ class Traffic:
                 self._feed(now, fed, ckeys, csrc, vkeys, chops, [], None,
                            self._source_history, weight, new)
         return self._report(new)
+
+    def _count_mix(self, now: float, cols: Records, weight: int) -> None:
+        """Count every MIX_SAMPLE-th record, over batches, into the query-type mix."""
+        start = self._mix_next
+        self._mix_next = (start - len(cols)) % MIX_SAMPLE
+        if start < len(cols):
+            keys = source_qtype_keys(every_nth(cols, start, MIX_SAMPLE))
+            self.mix.add_keys(now, keys, weight * MIX_SAMPLE)
+
+    def qtype_mix(self, now: float, src: bytes) -> dict[int, int]:
+        """Source ``src``'s queries in the status window by query type (estimated from
+        a 1-in-MIX_SAMPLE sample), among the MIX_QTYPES types counted most overall."""
+        mix = {qt: self.mix.count(now, qtype_key(src, qt))
+               for qt, _ in self.queries.most_common(MIX_QTYPES)}
+        return {qt: n for qt, n in sorted(mix.items(), key=lambda kv: -kv[1]) if n}
+
+    def table_keys(self) -> dict[str, int]:
+        """Keys tracked by the tables of each kind (source, prefix, source+qtype+hop...),
+        the query-type mix's as ``mix``."""
+        keys: Counter[str] = Counter()
+        for spec, table in self.tables.items():
+            keys[spec.kind] += len(table)
+        keys["mix"] = len(self.mix)
+        return dict(keys)
 
     def _feed(self, now: float, fed: _Fed, keys: list[bytes], sources: list[bytes],
               vkeys: list[bytes], hops: list[int], vhops: list[int],

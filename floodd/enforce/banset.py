@@ -133,6 +133,10 @@ class BanSet:
         """``target``'s dropped packets at the last listing."""
         return self._mirror.packets(target)
 
+    def rule(self, target: Target) -> str:
+        """The rule (or the operator's reason) that made ``target``'s ban."""
+        return self._mirror.ban(target).rule
+
     def holder(self, network: Network) -> Network | None:
         """The banned prefix ``network`` lies in, if any."""
         return holder(network, (t.network for t in self._mirror))

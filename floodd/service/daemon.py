@@ -23,6 +23,8 @@ import time
 from types import FrameType
 from typing import AbstractSet, Any, Callable, Sequence
 
+from prometheus_client import Histogram
+
 from floodd import __version__
 from floodd.detect.capture import CaptureStats, LiveCapture, PacketSource
 from floodd.detect.parse import Batch
@@ -37,6 +39,8 @@ from floodd.enforce.firewall.base import Backend, Network
 from floodd.detect.sampling import SamplingControl
 from floodd.scope import WHOLE, Target
 from floodd.service.journal import EventLog
+from floodd.service.metrics import (OPERATOR, InterfaceCounts, Metrics, Snapshot,
+                                    qtype_metric_label, refusal_label, scope_label)
 from floodd.service.notify import Notifier
 from floodd.service.throttle import Throttle
 from floodd.decide.policy import Offences, Trigger, evaluate, plan
@@ -44,7 +48,7 @@ from floodd.decide.safety import own_networks, protected_reason
 from floodd.enforce.state import StateWriter, load_offences
 from floodd.service.requests import (BanRequest, ListBans, Request, Status, Top, UnbanRequest,
                                      parse_request)
-from floodd.detect.traffic import Candidates, Traffic, address_network
+from floodd.detect.traffic import Candidates, Traffic, address_network, qtype_label
 
 # Networks remembered for logging a warning or a refusal once per interval.
 LOG_KEYS = 10_000
@@ -78,6 +82,7 @@ class CaptureWorker(threading.Thread):
         self.count = count
         self.heartbeat = time.monotonic()
         self.error: str | None = None
+        self.packets = 0  # queries counted, scaled by the sampling
         self.excluded = 0  # banned targets the kernel filter keeps out now
         self.sampling = 1  # 1 in this many packets reaches floodd
         self._filterable = isinstance(source, LiveCapture)
@@ -107,6 +112,7 @@ class CaptureWorker(threading.Thread):
                 if batch.records:
                     weight = self.source.weight if isinstance(self.source, LiveCapture) else 1
                     self.count(now, batch, weight)
+                    self.packets += len(batch.records) * weight
                 self.heartbeat = now
                 if now >= next_sample and self._control is not None:
                     spent = time.thread_time()
@@ -208,12 +214,15 @@ class Daemon:
         # Set by a capture thread when a key crossed a ban threshold: the main loop
         # decides at once (at most every daemon.react_delay) instead of at the tick.
         self._crossed = threading.Event()
+        self._crossed_at: float | None = None  # (monotonic) the first crossing not decided on
         self._last_react = 0.0
         # How busy each ban is (packets/s: its rule's rate when made, then its kernel
         # counter's growth between rescans), for choosing the heaviest ones to keep out of
         # the capture; and its counter at the last rescan (monotonic time, packets).
         self._heat: dict[Target, float] = {}
         self._drops: dict[Target, tuple[float, int]] = {}
+        self._dropped = 0  # packets the bans dropped since start, from those counters
+        self.metrics = Metrics()
         self._excluded: tuple[Target, ...] = ()
         self.own: list[Network] = []
         self.control: ControlServer | None = None
@@ -292,23 +301,25 @@ class Daemon:
                         mono >= self._last_react + self.config.daemon.react_delay:
                     self._crossed.clear()
                     self._last_react = mono
-                    self._guarded("ban", self._react, self.clock())
+                    self._guarded("ban", self._react, self.clock(),
+                                  self.metrics.tick_duration)
                 continue
             next_tick = max(next_tick + self.config.daemon.tick, mono)
             at = self.clock()
             # A failing firewall command is logged and tried again next time; the
             # capture (and the watchdog) carry on.
             self._crossed.clear()
-            self._guarded("ban", self._policy_tick, at)
+            self._guarded("ban", self._policy_tick, at, self.metrics.tick_duration)
             if mono >= next_rescan:
                 next_rescan += self.config.firewall.rescan_interval
                 if next_rescan <= mono:  # fell behind (a slow tick): no burst of rescans
                     next_rescan = mono + self.config.firewall.rescan_interval
-                self._guarded("rescan", self._rescan, at)
+                self._guarded("rescan", self._rescan, at, self.metrics.rescan_duration)
             if mono >= next_summary:
                 next_summary = max(next_summary + self.config.daemon.summary_interval, mono)
                 self._summary()
             self._measure_rate(mono)
+            self._publish()
             self._log_sampling()
             if self._captures_healthy(mono):
                 if watchdog is not None and mono >= next_ping:
@@ -325,17 +336,24 @@ class Daemon:
                     self.log.error(f"capture stopped: {problem}", action="capture")
                 self.notifier.status("capture stopped: " + problem)
 
-    def _guarded(self, what: str, step: Callable[[Instant], None], at: Instant) -> None:
+    def _guarded(self, what: str, step: Callable[[Instant], None], at: Instant,
+                 duration: Histogram) -> None:
+        started = time.monotonic()
         try:
             step(at)
         except FlooddError as exc:
             self.log.error(f"{what} failed, will try again: {exc}", action="error")
+        finally:
+            duration.observe(time.monotonic() - started)
 
     def _startup(self) -> None:
         cfg = self.config
         # First, so that a second floodd stops before it touches the firewall or the state.
         self.control = ControlServer(cfg.daemon.control_socket, self._handle_request)
         self.control.start()
+        address = cfg.metrics.address
+        if address is not None:
+            self.metrics.serve(*address)
         self.own = own_networks()
         at = self.clock()
         self.offences = load_offences(cfg.daemon.state_dir, at, cfg.firewall.max_ban_time)
@@ -345,6 +363,7 @@ class Daemon:
         self.bans.start(at, backend)  # adopts the bans in the kernel, changes none
         self._update_exclusions(at.mono)
         self._start_captures(self._open_captures(cfg))
+        self._publish()
 
     def _make_backend(self, cfg: Config) -> tuple[Backend, str]:
         backend, why = make_backend(cfg.firewall, cfg.capture.ports, cfg.capture.protocols,
@@ -385,6 +404,7 @@ class Daemon:
         self._stop_captures()
         if self.control is not None:
             self.control.close()
+        self.metrics.close()
         if self.bans.started:
             if not flush:
                 self.log.info(f"stopped; {len(self.bans)} bans kept in the firewall",
@@ -392,6 +412,7 @@ class Daemon:
             else:
                 try:
                     flushed = self.bans.flush()
+                    self.metrics.unbans.labels("flushed").inc(flushed)
                     self.log.info(f"stopped; {flushed} bans flushed (on_exit: flush)",
                                   action="stop")
                 except FlooddError as exc:
@@ -407,6 +428,8 @@ class Daemon:
         with self.lock:
             crossed = self.traffic.add_batch(now, batch.records, skip=self.banned_sources,
                                              weight=weight)
+            if crossed and self._crossed_at is None:
+                self._crossed_at = now
         if crossed:
             self._crossed.set()
             self._wake.set()
@@ -432,6 +455,7 @@ class Daemon:
         with self.lock:  # the tables run on the capture's clock: time.monotonic()
             if candidates is None:
                 self.traffic.take_candidates()  # every key is looked at now
+            crossed_at, self._crossed_at = self._crossed_at, None
             triggers = evaluate(at.mono, self.traffic, cfg.rules, cfg.trust, candidates)
             rules = {rule.name: rule for rule in cfg.rules}
             for trig in triggers:  # a flood must not teach its own hop values
@@ -452,7 +476,9 @@ class Daemon:
         except BanFailure as exc:
             self.log.error(f"could not ban {len(decided.bans)} sources: {exc}", action="error")
             return
+        landed = time.monotonic()
         added = {ban.target for ban in done.added}
+        self._count_changes(done.removed, "replaced")
         for trig, _ in decided.bans:
             if trig.target in added:
                 self._heat[trig.target] = trig.rate
@@ -465,6 +491,9 @@ class Daemon:
         for trig, seconds in decided.bans:
             if trig.target not in added:
                 continue
+            self.metrics.bans_added.labels(trig.rule).inc()
+            if crossed_at is not None:  # from the first crossing this decision woke for
+                self.metrics.ban_latency.observe(landed - crossed_at)
             repeat = ""
             if trig.scope.whole_source:  # only bans of all its queries count as offences
                 escalated = True
@@ -497,6 +526,8 @@ class Daemon:
     def _log_refusals(self, mono: float, refused: list[Any]) -> None:
         """Log the refused bans, once a minute for each network and reason (the
         max_bans refusals together in one line)."""
+        for r in refused:
+            self.metrics.refused.labels(refusal_label(r.reason)).inc()
         capped = [r for r in refused if r.reason.startswith("max_bans")]
         if capped:
             key = (ipaddress.ip_network("0.0.0.0/0"), "max_bans")
@@ -527,6 +558,9 @@ class Daemon:
         done = self.bans.rescan(at)
         if done is None:
             return  # the firewall did not answer: left alone for a while
+        for ib in done.unbanned:  # their last packets, since the previous rescan
+            last = self._drops.get(ib.target)
+            self._dropped += max(0, ib.packets - (last[1] if last is not None else 0))
         self._measure_heat(at.mono)
         self._update_exclusions(at.mono)
         if done.set_up or done.restored:
@@ -540,6 +574,8 @@ class Daemon:
                           f"{', ...' if len(done.adopted) > 5 else ''}", action="adopt",
                           packets=len(done.adopted))
         stale = self.config.firewall.stale_after
+        self._count_changes([ib.target for ib in done.unbanned], "expired")
+        self._count_changes([ban.target for ban in done.expired], "expired")
         for ib in done.unbanned:
             self.log.info(f"unban {ib.target}: ban time over and no packets for "
                           f"{stale:g} s ({ib.packets} packets dropped in all)",
@@ -644,26 +680,60 @@ class Daemon:
         return sampled + excluded
 
     def _status_line(self) -> str:
-        stats = self.capture_stats()
-        return (f"{self.pps:.0f} packets/s, {stats.dropped} kernel drops, "
-                f"{len(self.bans)} bans{self._capture_note()}")
+        snap = self.metrics.snapshot
+        return (f"{self.pps:.0f} packets/s, {snap.dropped} kernel drops, "
+                f"{sum(snap.bans.values())} bans{self._capture_note()}")
 
     def _summary(self) -> None:
-        stats = self.capture_stats()
-        self.log.info(f"summary: {self.pps:.0f} packets/s, {self.traffic.packets} packets, "
-                      f"{stats.dropped} kernel drops, {len(self.bans)} bans, "
+        snap = self.metrics.snapshot
+        bans = sum(snap.bans.values())
+        self.log.info(f"summary: {self.pps:.0f} packets/s, {snap.packets} packets, "
+                      f"{snap.dropped} kernel drops, {bans} bans, "
+                      f"{snap.dropped_packets} packets dropped by them, "
                       f"{self.traffic.sources.pruned} keys pruned{self._capture_note()}",
-                      action="summary",
-                      packets=self.traffic.packets, rate=round(self.pps, 1),
-                      bans=len(self.bans), drops=stats.dropped)
+                      action="summary", packets=snap.packets, rate=round(self.pps, 1),
+                      bans=bans, drops=snap.dropped)
+
+    def _publish(self) -> None:
+        """Replace the metrics' snapshot with the numbers of now (main loop only)."""
+        with self.lock:
+            queries = list(self.traffic.queries.items())
+            keys = self.traffic.table_keys()
+        by_qtype: dict[str, int] = {}
+        for code, n in queries:
+            name = qtype_metric_label(code)
+            by_qtype[name] = by_qtype.get(name, 0) + n
+        names = {rule.name for rule in self.config.rules}
+        bans: dict[tuple[str, str], int] = {}
+        for target in self.bans.targets():
+            rule = self.bans.rule(target)
+            label = (rule if rule in names else OPERATOR, scope_label(target.scope))
+            bans[label] = bans.get(label, 0) + 1
+        counts = []
+        for w in self.workers:
+            stats = w.stats()
+            counts.append(InterfaceCounts(w.interface, w.packets, stats.received,
+                                          stats.dropped))
+        self.metrics.snapshot = Snapshot(
+            interfaces=tuple(counts),
+            sampling=self.sampling, queries=by_qtype, bans=bans,
+            max_bans=self.config.firewall.max_bans, dropped_packets=self._dropped,
+            table_keys=keys)
+
+    def _count_changes(self, targets: Sequence[Target], reason: str) -> None:
+        if targets:
+            self.metrics.unbans.labels(reason).inc(len(targets))
 
     def _top(self, n: int) -> list[dict[str, Any]]:
         with self.lock:
             window = self.traffic.sources.window
-            rows = self.traffic.sources.top(time.monotonic(), n)
+            now = time.monotonic()
+            rows = [(src, c, self.traffic.qtype_mix(now, src))
+                    for src, c in self.traffic.sources.top(now, n)]
         return [{"source": str(address_network(src).network_address), "packets": c,
-                 "rate": c / window,
-                 "banned": src in self.banned_sources} for src, c in rows]
+                 "rate": c / window, "banned": src in self.banned_sources,
+                 "qtypes": {qtype_label(qt): k for qt, k in mix.items()}}
+                for src, c, mix in rows]
 
     def _handle_request(self, body: Any) -> dict[str, Any]:
         """Runs in the control thread: validates, answers read-only requests here and
@@ -746,12 +816,14 @@ class Daemon:
             raise FlooddError(f"ban: refusing to ban {network}: {reason} "
                               "(use --force to ban it anyway)")
         done = self.bans.ban(at, [NewBan(network, req.reason, req.seconds)])
+        self._count_changes(done.removed, "replaced")
         self._update_exclusions(at.mono)
         ban = next((b for b in done.added if b.target == (network, WHOLE)), None)
         if ban is None:
             holder = self.bans.holder(network)
             raise Failure(f"ban: {network} was not added: it lies inside the banned "
                               f"prefix {holder}" if holder else f"ban: {network} was not added")
+        self.metrics.bans_added.labels(OPERATOR).inc()
         replaced = "".join(f", replacing the ban of {n}" for n in done.removed)
         self.log.notice(f"ban {network} for {req.seconds:g} s by the operator: "
                         f"{req.reason}{replaced}", action="ban", source=network, rule=req.reason,
@@ -760,6 +832,7 @@ class Daemon:
 
     def _operator_unban(self, at: Instant, req: UnbanRequest) -> dict[str, Any]:
         gone = self.bans.unban(at, None if req.network is None else [req.network])
+        self._count_changes(gone, "operator")
         self._update_exclusions(at.mono)
         if req.network is not None and not gone:
             raise Failure(f"unban: {req.network} is not banned")
@@ -790,6 +863,9 @@ class Daemon:
             last = self._drops.get(target)
             if last is not None and mono > last[0] and packets >= last[1]:
                 self._heat[target] = (packets - last[1]) / (mono - last[0])
+            # A counter first seen, or reset (re-created), counts from zero.
+            self._dropped += packets - last[1] if last is not None and packets >= last[1] \
+                else packets
             drops[target] = (mono, packets)
         self._drops = drops
 
