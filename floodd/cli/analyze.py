@@ -20,20 +20,27 @@ on a loaded 2-core box): 8.8 s of CPU, 1.9 times dpkt's full decode of the same 
 Beyond the daemon's counting, every packet feeds the per-source hop tally, the
 lifetime prefix and query-type tables and the first/last times of its (source, hop
 value) pair.
+
+``--plot OUT`` draws the capture (floodd.cli.plot) after the report: a second pass over
+the file counts the busiest sources and the query types per step; without --plot,
+nothing of it runs and matplotlib is not imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress, filterfalse, repeat
-from operator import add, and_, floordiv, le, ne, not_
-from typing import Any, Iterable, Sequence, TextIO
+from operator import add, and_, floordiv, le, ne, not_, sub
+from typing import Any, Iterable, Iterator, Sequence, TextIO, TypeVar
 
 from floodd.cli.common import add_config_option, config_from_args
+from floodd.cli.plot import (MAX_LINES, Timeline, drawn_sources, picture, plot_format,
+                             plot_step, render)
 from floodd.detect.capture import OfflineCapture
 from floodd.config import Config
 from floodd.errors import FlooddError
@@ -52,6 +59,8 @@ _SHOWN_HOPS = 5  # hop values the text report lists per source, the most common 
 
 # One bucket wider than any capture: a RateTable that never slides is a bounded counter.
 _FOREVER = float(2**40)
+
+K = TypeVar("K")
 
 
 def qtype_label(code: int) -> str:
@@ -305,31 +314,80 @@ class Analyzer:
         return rep
 
 
-def analyze_file(path: str, config: Config, top: int = 10,
-                 progress: TextIO | None = None) -> Report:
+def read_capture(path: str, config: Config, progress: TextIO | None = None,
+                 doing: str = "analyzing") -> Iterator[Batch]:
+    """The batches of the capture at ``path``, with a progress bar on ``progress``."""
     capture = OfflineCapture(path, ports=config.capture.ports,
                              protocols=config.capture.protocols)
-    analyzer = Analyzer(config, path)
     try:
         shown = -1
         while True:
             batch = capture.read(0.0)
             if batch is None:
                 break
-            analyzer.add(batch)
+            yield batch
             if progress is not None:
                 pct = int(capture.progress * 100)
                 if pct != shown:
                     shown = pct
                     bar = "#" * (pct // 4)
-                    progress.write(f"\ranalyzing {bar:<25} {pct:3d}%")
+                    progress.write(f"\r{doing} {bar:<25} {pct:3d}%")
                     progress.flush()
     finally:
         capture.close()
         if progress is not None:
             progress.write("\r" + " " * 45 + "\r")
             progress.flush()
+
+
+def analyze_file(path: str, config: Config, top: int = 10,
+                 progress: TextIO | None = None) -> Report:
+    analyzer = Analyzer(config, path)
+    for batch in read_capture(path, config, progress):
+        analyzer.add(batch)
     return analyzer.finish(top)
+
+
+def read_timeline(path: str, config: Config, sources: Sequence[str], step: float,
+                  progress: TextIO | None = None) -> Timeline:
+    """``--plot``'s second pass over the capture: the packets of ``sources`` and the
+    queries of every type, per ``step`` seconds from the first packet.  The busiest
+    sources are known only at the end of the first pass, which stays as it is without
+    --plot; the counts held are bounded by the steps times the sources and types."""
+    wanted = {ipaddress.ip_address(src).packed: src for src in sources}
+    per_source: Counter[tuple[float, bytes]] = Counter()  # (step, source) -> packets
+    per_qtype: Counter[tuple[float, int]] = Counter()  # (step, qtype code) -> queries
+    start: float | None = None
+    for batch in read_capture(path, config, progress, "plotting"):
+        records = Records.of(batch.records)
+        if not records:
+            continue
+        times = records.times
+        if start is None:
+            start = times[0]
+        steps = list(map(floordiv, map(sub, times, repeat(start)), repeat(step)))
+        srcs, qtypes, packets = records.src, records.qtype, steps
+        if records.flags is not None:  # malformed ones as such; F_EXTRA: not a packet
+            flags = records.flags
+            qtypes = [MALFORMED_QTYPE if qt < 0 and flag & F_MALFORMED else qt
+                      for qt, flag in zip(qtypes, flags)]
+            first = list(map(not_, map(and_, flags, repeat(F_EXTRA))))
+            srcs, packets = list(compress(srcs, first)), list(compress(steps, first))
+        per_qtype.update(zip(steps, qtypes))
+        per_source.update(compress(zip(packets, srcs), map(wanted.__contains__, srcs)))
+    count = 1 + int(max((at for at, _ in per_qtype), default=-1.0))
+
+    def columns(counts: Counter[tuple[float, K]]) -> dict[K, list[int]]:
+        out: dict[K, list[int]] = {}
+        for (at, key), n in counts.items():  # a capture out of time order: first step
+            out.setdefault(key, [0] * count)[max(0, int(at))] += n
+        return out
+    by_source, by_qtype = columns(per_source), columns(per_qtype)
+    return Timeline(
+        start or 0.0, step,
+        {src: tuple(by_source.get(packed, [0] * count)) for packed, src in wanted.items()},
+        {qtype_label(code): tuple(counts) for code, counts in by_qtype.items()
+         if code != -1})  # -1: a TCP segment without a query
 
 
 def _more(shown: list[str], total: int) -> str:
@@ -389,6 +447,7 @@ def format_report(rep: Report) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise FlooddError(f"analyze: --top: expected a positive number, got {args.top}")
+    fmt = plot_format(args.plot) if args.plot is not None else None
     config = config_from_args(args)
     progress = sys.stderr if sys.stderr.isatty() and not args.json else None
     rep = analyze_file(args.file, config, top=args.top, progress=progress)
@@ -397,6 +456,14 @@ def _run(args: argparse.Namespace) -> int:
         print()
     else:
         print(format_report(rep))
+    if fmt is not None:
+        sys.stdout.flush()  # the report is read while the picture is drawn
+        sources = drawn_sources([s["source"] for s in rep.sources], rep.would_ban,
+                                config.rules, min(args.top, MAX_LINES))
+        step = plot_step(rep.duration, config.rate_table.bucket)
+        timeline = read_timeline(args.file, config, sources, step, progress)
+        render(picture(rep.file, rep.total, rep.duration, timeline, config.rules,
+                       rep.would_ban), args.plot, fmt)
     return 0
 
 
@@ -413,5 +480,11 @@ def register(sub: Any) -> None:
     p.add_argument("--top", type=int, default=10, metavar="N",
                    help="how many sources and prefixes to list (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--plot", metavar="OUT", default=None,
+                   help="also draw the capture into OUT (.png or .svg): queries/s over the "
+                        f"capture's time of the busiest sources (--top, at most {MAX_LINES}; "
+                        "log scale), each rule's threshold as queries/s (threshold / "
+                        "window), a mark where a rule would have acted, and the queries/s "
+                        "by query type; reads the capture a second time")
     add_config_option(p)
     p.set_defaults(handler=_run)
