@@ -35,7 +35,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress, filterfalse, repeat
-from operator import add, and_, floordiv, le, ne, not_, sub
+from operator import add, and_, floordiv, ne, not_, sub
 from typing import Any, Iterable, Iterator, Sequence, TextIO, TypeVar
 
 from floodd.cli.common import add_config_option, config_from_args
@@ -46,11 +46,10 @@ from floodd.config import Config
 from floodd.errors import FlooddError
 from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record, Records
 from floodd.decide.policy import Trigger, evaluate
-from floodd.qtypes import qtype_name
 from floodd.detect.ratetable import RateTable
 from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                                   prefix_keys, prefix_network, qtype_suffix, rule_qtype,
-                                   split_qtype_key)
+                                   prefix_keys, prefix_network, qtype_label, rule_qtype,
+                                   source_qtype_keys, split_qtype_key)
 
 HOP_VALUES = range(256)  # IPv4 TTL / IPv6 hop limit
 # A hop key is the packed source address followed by one byte, the hop value.
@@ -63,10 +62,6 @@ _FOREVER = float(2**40)
 K = TypeVar("K")
 
 
-def qtype_label(code: int) -> str:
-    return "malformed" if code == MALFORMED_QTYPE else qtype_name(code)
-
-
 def hop_keys(src: bytes) -> list[bytes]:
     """The hop keys of ``src``, one per hop value (the list's index)."""
     return list(map(add, repeat(src, len(_HOP_SUFFIX)), _HOP_SUFFIX))
@@ -75,25 +70,6 @@ def hop_keys(src: bytes) -> list[bytes]:
 def hop_tally(counts: dict[int, int]) -> dict[str, int]:
     """Hop value -> packets as JSON (string keys), the most common first."""
     return {str(hop): n for hop, n in sorted(counts.items(), key=lambda hn: (-hn[1], hn[0]))}
-
-
-def source_qtype_keys(records: Sequence[Record]) -> list[bytes]:
-    """The :func:`qtype_key` of every record with a query type (malformed ones: with
-    MALFORMED_QTYPE; a bare TCP segment has none), for each source's query-type mix.
-    Built in C for the usual batch, with no flags and every query type known."""
-    cols = Records.of(records)
-    srcs, qtypes, flags = cols.src, cols.qtype, cols.flags
-    if flags is not None:
-        if min(qtypes) < 0:
-            malformed = list(map(and_, flags, repeat(F_MALFORMED)))
-            qtypes = [MALFORMED_QTYPE if bad else qt for qt, bad in zip(qtypes, malformed)]
-            typed = list(map(le, repeat(0), qtypes))  # a bare TCP segment has no qtype
-            srcs, qtypes = list(compress(srcs, typed)), list(compress(qtypes, typed))
-    elif qtypes and min(qtypes) < 0:  # bare TCP segments, without flags
-        typed = list(map(le, repeat(0), qtypes))
-        srcs, qtypes = list(compress(srcs, typed)), list(compress(qtypes, typed))
-    suffix = {qt: qtype_suffix(qt) for qt in set(qtypes)}
-    return list(map(add, srcs, map(suffix.__getitem__, qtypes)))
 
 
 class SourceHops:
