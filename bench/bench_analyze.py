@@ -11,6 +11,8 @@ directory, then runs, each as its own process and best of --repeat runs:
 and checks (a) counted every packet.  Target: (a) >= 8 times as fast as (b).  Times
 are the child process's CPU time (user + system: one thread, so per core), so that
 other load on the machine disturbs them less; wall-clock times are printed too.
+The default capture comes from 50,000 sources (five send 30% of it), mostly distinct
+in every batch; ``--sources 20`` is a flood of a few sources.
 
     .venv/bin/python -m bench.bench_analyze [--packets N] [--sources N] [--repeat N]
 """

@@ -15,6 +15,11 @@ the daemon, >= 15 times (c).  Rates are packets per second of this process's CPU
 time (one thread: per core), best of --repeat runs, so that other load on the
 machine disturbs them less; wall-clock rates are printed too.
 
+The default capture is the hard case for the counting stage: 50,000 sources, five of
+them sending 30% of the packets, so a batch's sources are mostly distinct and every
+table update is one per packet.  ``--sources 20`` is a flood of a few sources (the
+same five heavy ones), where each batch is counted once per distinct source.
+
     .venv/bin/python -m bench.bench_parse [--packets N] [--sources N] [--linktype 1|113]
                                           [--repeat N]
 """

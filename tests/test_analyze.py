@@ -231,6 +231,9 @@ def test_source_hops_times_and_bound() -> None:
     # (its one packet with 63 counted no more than a forged pair: it went with them)
     assert hops.flood(real, 300.0, 100.0, None)["usual"] == [64]
     assert hops.top(1)[0][:2] == (real, 502)  # its packets with 64
+    # Every pair with a first time is indexed under its source, and only those.
+    assert {src + bytes((hop,)) for src, values in hops.values.items()
+            for hop in values} == set(hops.first)
 
 
 def test_batches_of_columns_are_cut_on_the_same_edges() -> None:

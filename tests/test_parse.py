@@ -939,6 +939,20 @@ def test_records_are_columns_in_frame_order_and_equal_to_their_tuples() -> None:
     assert records.last_time() == 14.0
 
 
+def test_the_last_time_is_read_without_the_others() -> None:
+    # Whichever path the last record took, and with frames that make no record last.
+    fast = synth.link_frame(udp4(query()))
+    general = synth.link_frame(synth.udp_datagram(CLIENT6, SERVER6, query(), 40000))
+    ignored = synth.link_frame(udp4(query(), dport=5353))
+    for tail in ([], [general], [ignored], [general, ignored], [fast, ignored, ignored]):
+        frames = [fast, general, fast] + tail
+        stamps = [20.0 + i * 0.25 for i in range(len(frames))]
+        records = Parser(ETH).parse_frames(zip(stamps, frames)).records
+        assert isinstance(records, Records)
+        last = records.last_time()
+        assert last == records.times[-1] == list(records)[-1][0]
+
+
 def test_plain_udp_records_have_no_flag_or_protocol_columns() -> None:
     frames = [synth.link_frame(udp4(query(qtype=t))) for t in ("A", "AAAA", "ANY")]
     live = Parser(ETH).parse_frames(((5000.0, f) for f in frames), now=7.5).records

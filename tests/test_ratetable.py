@@ -587,6 +587,18 @@ def test_crossed_names_the_keys_a_count_took_over_the_threshold() -> None:
     assert table.crossed(["d"], 4, weight=6) == ["d"]
 
 
+def test_crossed_counts_is_crossed_of_a_counted_batch() -> None:
+    table = make()
+    table.add_counts(1.0, {"a": 3, "b": 5})
+    assert table.crossed_counts({"a": 3, "b": 5}, 4) == ["b"]
+    table.add_counts(1.1, {"a": 2, "b": 1})
+    assert table.crossed_counts({"a": 2, "b": 1}, 4) == ["a"]  # b was over already
+    assert table.crossed_counts({"c": 1}, 4) == []  # not tracked
+    assert table.crossed_counts({}, 4) == []
+    table.add_counts(1.2, {"d": 12})
+    assert table.crossed_counts({"d": 2}, 4, weight=6) == ["d"]
+
+
 def test_over_reads_only_the_keys_whose_running_total_is_over() -> None:
     table = make(window=2.0, bucket=1.0)
     table.add_counts(0.5, {"a": 10, "b": 3})

@@ -3,13 +3,16 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import pytest
+
 from floodd.config import Config, Rule, build_config
 from floodd.detect.hops import HopEvidence
 from floodd.detect.parse import F_EXTRA, F_MALFORMED, F_VERIFIED, Record
 from floodd.detect.ratetable import RateTable
 from floodd.detect.traffic import (HOP_SUFFIX, MALFORMED_QTYPE, TCP_SUFFIX, Traffic,
-                                   address_network, packet_sources, prefix_key, prefix_keys,
-                                   prefix_network, qtype_key, split_qtype_key)
+                                   address_network, packet_sources, prefix_counts, prefix_key,
+                                   prefix_keys, prefix_network, qtype_key, repeating,
+                                   split_qtype_key)
 
 A, ANY = 1, 255
 S1 = ipaddress.ip_address("198.51.100.7").packed
@@ -50,6 +53,25 @@ def test_prefix_keys_match_prefix_key() -> None:
     for sources in (v4, v6, v4 + v6):
         for bits in ((24, 64), (22, 56), (32, 128), (8, 17)):
             assert prefix_keys(sources, *bits) == [prefix_key(s, *bits) for s in sources]
+
+
+def test_address_network_takes_packed_addresses_only() -> None:
+    assert address_network(S1) == ipaddress.ip_network("198.51.100.7/32")
+    with pytest.raises(ValueError):
+        address_network(b"\x01\x02\x03")
+
+
+def test_prefix_counts_sum_the_sources_of_each_prefix_first_seen_first() -> None:
+    counts = prefix_counts({S6: 1, S1: 3, S2: 2}, 24, 64)
+    assert list(counts.items()) == [(prefix_key(S6, 24, 64), 1), (prefix_key(S1, 24, 64), 5)]
+
+
+def test_a_batch_repeats_its_sources_when_its_start_does() -> None:
+    many = [ipaddress.ip_address(f"198.18.{i >> 8}.{i & 0xFF}").packed for i in range(300)]
+    assert repeating([S1] * 300 + many)
+    assert not repeating(many + [S1] * 300)
+    assert not repeating([S1, S2])
+    assert repeating([S1, S1])
 
 
 def test_packet_sources_leaves_out_extra_messages() -> None:
@@ -426,3 +448,52 @@ def test_table_keys_are_summed_by_kind() -> None:
     keys = traffic.table_keys()
     assert keys["source"] == 4  # two tables (two windows), two sources each
     assert keys["source+qtype"] == 1
+
+
+def test_counting_per_source_or_per_packet_gives_the_same_tables() -> None:
+    # The same packets, once in an order whose start repeats its sources (counted per
+    # distinct source) and once not (per packet): every table, crossing and piece of
+    # evidence agrees.
+    config = configured({"rules": [
+        {"name": "flood", "threshold": 400, "window": 10},
+        {"name": "any", "match": "ANY", "threshold": 3, "window": 60},
+        {"name": "net", "aggregate": "prefix", "prefix_v4": 24, "threshold": 500,
+         "window": 10}]})
+    many = [ipaddress.ip_address(f"203.0.113.{i}").packed for i in range(1, 200)] + \
+        [ipaddress.ip_address(f"2001:db8::{i:x}").packed for i in range(1, 200)]
+    heavy = [rec(0, S1, hop=50)] * 300 + [rec(0, S1, ANY, hop=64)] * 4 + \
+        [rec(0, S2, F_VERIFIED, TCP, hop=55)] * 200 + [rec(0, S2, flags=F_MALFORMED)] * 5
+    light = [rec(0, src, ANY if i % 3 else A, hop=60) for i, src in enumerate(many)]
+    repeats, spread = Traffic(config), Traffic(config)
+    for t in (repeats, spread):
+        learn(t, S1, S2, *many[:50])
+    woke = []
+    for second in range(100, 103):
+        now = second + 0.5
+        woke.append((repeats.add_batch(now, heavy + light),
+                     spread.add_batch(now, light + heavy)))
+        assert dict(repeats.take_candidates()) == dict(spread.take_candidates())
+    # S1 over "any" and its /24 over "net" in the first batch, S1 over "flood" in the
+    # second, the other /24 and /64 over "net" in the third.
+    assert woke == [(True, True)] * 3
+    assert repeats.packets == spread.packets
+    for spec, table in repeats.tables.items():
+        other = spread.tables[spec]
+        assert sorted(table.over(now, 0)) == sorted(other.over(now, 0)), spec
+        assert table.total(now) == other.total(now)
+    for r in config.rules:
+        for key in (S1, S2, NET, many[0], many[-1]):
+            assert repeats.evidence(now, r, key) == spread.evidence(now, r, key)
+        assert repeats.over(now, r) == spread.over(now, r) != []
+
+
+def test_without_crossings_nothing_is_reported_and_the_same_is_counted() -> None:
+    config = configured({"rules": [{"name": "all", "threshold": 5},
+                                   {"name": "any", "match": "ANY", "threshold": 1,
+                                    "total_threshold": 2}]})
+    watching, counting = Traffic(config), Traffic(config, crossings=False)
+    batch = [rec(1.0, S1)] * 8 + [rec(1.0, S2, ANY)] * 3
+    assert watching.add_batch(1.0, batch) and not counting.add_batch(1.0, batch)
+    assert counting.take_candidates() == {}
+    for r in config.rules:
+        assert counting.over(1.0, r) == watching.over(1.0, r) != []

@@ -15,11 +15,16 @@ like.  Times are those of the buckets the packets came in (see :class:`SourceHop
 "before the window" is exact to within one bucket.
 
 Cost (bench/bench_analyze.py, 1,000,000 packets from 50,000 sources, the whole process,
-on a loaded 2-core box): 8.8 s of CPU, 1.9 times dpkt's full decode of the same file
-(16.4 s) in the same run; the same file took 9.4 s before the batches became columns.
-Beyond the daemon's counting, every packet feeds the per-source hop tally, the
-lifetime prefix and query-type tables and the first/last times of its (source, hop
-value) pair.
+on a loaded 2-core box): 5.5-6.1 s of CPU, 2.3-2.4 times dpkt's full decode of the same
+file (14 s); 5.5 against 5.8 s for the previous version, alternated on the same day.
+A flood of 20 sources (``--sources 20``): 1.38 s, 11.4 times dpkt (the previous version
+2.22 s, 6.6 times, in the same run).
+Beyond the daemon's counting (without its threshold-crossing checks: every rule is
+evaluated at every bucket), every packet feeds the per-source hop tally, the lifetime
+prefix and query-type tables and the first/last times of its (source, hop value) pair;
+a batch that repeats its sources feeds those once per distinct key (see
+floodd.detect.traffic).  The rest is the rules' evaluation at every bucket (a trigger
+per key over a threshold each time) and the parse.
 
 ``--plot OUT`` draws the capture (floodd.cli.plot) after the report: a second pass over
 the file counts the busiest sources and the query types per step; without --plot,
@@ -48,8 +53,8 @@ from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record, Records
 from floodd.decide.policy import Trigger, evaluate
 from floodd.detect.ratetable import RateTable
 from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                                   prefix_keys, prefix_network, qtype_label, rule_qtype,
-                                   source_qtype_keys, split_qtype_key)
+                                   prefix_counts, prefix_keys, prefix_network, qtype_label,
+                                   repeating, rule_qtype, source_qtype_keys, split_qtype_key)
 
 HOP_VALUES = range(256)  # IPv4 TTL / IPv6 hop limit
 # A hop key is the packed source address followed by one byte, the hop value.
@@ -60,11 +65,6 @@ _SHOWN_HOPS = 5  # hop values the text report lists per source, the most common 
 _FOREVER = float(2**40)
 
 K = TypeVar("K")
-
-
-def hop_keys(src: bytes) -> list[bytes]:
-    """The hop keys of ``src``, one per hop value (the list's index)."""
-    return list(map(add, repeat(src, len(_HOP_SUFFIX)), _HOP_SUFFIX))
 
 
 def hop_tally(counts: dict[int, int]) -> dict[str, int]:
@@ -82,7 +82,8 @@ class SourceHops:
     kept for at most twice as many pairs as the table tracks; beyond, those of the
     pairs it no longer tracks go.  A pair first seen in a bucket is stamped with the
     bucket's first packet, last seen with its last packet.  Every per-record step runs
-    in C (map, compress, filterfalse, Counter and dict methods).
+    in C (map, compress, filterfalse, Counter and dict methods); Python steps once per
+    pair when it is first seen, to index it under its source.
     """
 
     def __init__(self, capacity: int, qtypes: Iterable[int]) -> None:
@@ -90,6 +91,11 @@ class SourceHops:
         self.first: dict[bytes, float] = {}
         self.last: dict[bytes, float] = {}
         self.last_of: dict[int, dict[bytes, float]] = {qt: {} for qt in qtypes}
+        # Invariant: the pairs of ``first`` by source (source -> its hop values), so
+        # that a trigger reads its source's few pairs, not 256 possible ones.  The keys
+        # of ``last`` and ``last_of`` are among those of ``first`` (an F_EXTRA record
+        # comes with its packet, in the same bucket).
+        self.values: dict[bytes, list[int]] = {}
 
     def add(self, part: Sequence[Record]) -> None:
         """Count the records of one bucket, in time order."""
@@ -97,18 +103,27 @@ class SourceHops:
         times = cols.times
         start, end = times[0], times[-1]
         keys = list(map(add, cols.src, map(_HOP_SUFFIX.__getitem__, cols.hop)))
-        flags = cols.flags if cols.flags is not None else list(repeat(0, len(keys)))
+        flags = cols.flags
         packets = keys
-        if cols.flags is not None:  # F_EXTRA records are further queries of a packet
+        if flags is not None:  # F_EXTRA records are further queries of a packet
             packets = list(compress(keys, map(not_, map(F_EXTRA.__and__, flags))))
-        self.packets.add_keys(0.0, packets)
         first = self.first
-        first.update(zip(filterfalse(first.__contains__, packets), repeat(start)))
-        self.last.update(zip(packets, repeat(end)))
+        if repeating(packets):  # few pairs (a flood of few sources): a step per pair
+            counts = Counter(packets)
+            self.packets.add_counts(0.0, counts)
+            fresh = list(filterfalse(first.__contains__, counts))
+            self.last.update(zip(counts, repeat(end)))
+        else:
+            self.packets.add_keys(0.0, packets)
+            fresh = list(dict.fromkeys(filterfalse(first.__contains__, packets)))
+            self.last.update(zip(packets, repeat(end)))
+        if fresh:
+            first.update(zip(fresh, repeat(start)))
+            self._index(fresh)
         qtypes = set(cols.qtype) if self.last_of else set()
         for qt, last in self.last_of.items():
             if qt == MALFORMED_QTYPE:
-                if cols.flags is not None:
+                if flags is not None:
                     last.update(zip(compress(keys, map(F_MALFORMED.__and__, flags)),
                                     repeat(end)))
             elif qt in qtypes:
@@ -119,6 +134,14 @@ class SourceHops:
             self.last = {key: self.last[key] for key in tracked}
             for qt, last in self.last_of.items():
                 self.last_of[qt] = {key: last[key] for key in tracked if key in last}
+            self.values = {}
+            self._index(tracked)
+
+    def _index(self, pairs: Iterable[bytes]) -> None:
+        """Add new pairs to ``values``."""
+        values = self.values
+        for pair in pairs:
+            values.setdefault(pair[:-1], []).append(pair[-1])
 
     def top(self, n: int) -> list[tuple[bytes, int, dict[int, int]]]:
         """The ``n`` sources with the most packets, most first: (source, packets, hop
@@ -137,13 +160,12 @@ class SourceHops:
         ``flood`` (its matching packets in the window), and ``changed`` when a source
         seen before sent the flood with a value not usual."""
         since = now - window
-        keys = hop_keys(src)
+        hops = sorted(self.values.get(src, ()))
+        keys = [src + _HOP_SUFFIX[hop] for hop in hops]
         first = self.first
-        usual = [hop for hop in compress(HOP_VALUES, map(first.__contains__, keys))
-                 if first[keys[hop]] <= since]
+        usual = [hop for hop, key in zip(hops, keys) if first[key] <= since]
         last = self.last if qtype is None else self.last_of[qtype]
-        flood = [hop for hop in compress(HOP_VALUES, map(last.__contains__, keys))
-                 if last[keys[hop]] > since]
+        flood = [hop for hop, key in zip(hops, keys) if last.get(key, since) > since]
         return {"usual": usual, "flood": flood,
                 "changed": bool(usual) and not set(flood) <= set(usual)}
 
@@ -194,7 +216,8 @@ class Analyzer:
         self.config = config
         self.report = Report(file=file)
         cap = config.rate_table.capacity
-        self.traffic = Traffic(config, track_peak=True)
+        # Every rule is evaluated at every bucket: no crossing to watch while counting.
+        self.traffic = Traffic(config, track_peak=True, crossings=False)
         self.first_ts: float | None = None
         self.last_ts: float | None = None
         self.malformed = 0
@@ -231,7 +254,10 @@ class Analyzer:
             self.hops.add(part)
             self.last_ts = times[-1]
         sources = packet_sources(records)
-        self.lifetime_prefixes.add_keys(0.0, prefix_keys(sources, 24, 64))
+        if repeating(sources):
+            self.lifetime_prefixes.add_counts(0.0, prefix_counts(Counter(sources), 24, 64))
+        else:
+            self.lifetime_prefixes.add_keys(0.0, prefix_keys(sources, 24, 64))
         self.lifetime_qtypes.add_keys(0.0, source_qtype_keys(records))
 
     def _trigger_hops(self, now: float, trig: Trigger) -> dict[str, Any] | None:
@@ -265,15 +291,18 @@ class Analyzer:
         rep.qtypes = {qtype_label(code): n for code, n in self.qtype_counts.most_common()
                       if code != -1}
         bucket = self.config.rate_table.bucket
-        mixes: dict[bytes, Counter[str]] = {}
+        shown = self.hops.top(top)
+        listed = {src for src, _, _ in shown}
+        mixes: dict[bytes, Counter[str]] = {src: Counter() for src in listed}
         for key, n in self.lifetime_qtypes.top(0.0, len(self.lifetime_qtypes)):
             src, code = split_qtype_key(key)
-            mixes.setdefault(src, Counter())[qtype_label(code)] += n
-        for src, n, hops in self.hops.top(top):
+            if src in listed:
+                mixes[src][qtype_label(code)] += n
+        for src, n, hops in shown:
             rep.sources.append({
                 "source": str(address_network(src).network_address), "packets": n,
                 "peak_rate": round(t.sources.peak(src) / bucket, 1),
-                "qtypes": dict(mixes.get(src, Counter()).most_common(5)),
+                "qtypes": dict(mixes[src].most_common(5)),
                 "hops": hop_tally(hops),
             })
         for key, n in self.lifetime_prefixes.top(0.0, top):

@@ -209,8 +209,11 @@ class Records(Sequence[Record]):
 
     def last_time(self) -> float:
         """The capture time of the last record (``time`` if there is none)."""
-        if self._times is None or not self.src:
+        times = self._times
+        if times is None or not self.src:
             return self.time
+        if isinstance(times, _Stamper):  # not computed yet: only the last one's
+            return times.last()
         return self.times[-1]
 
     def __len__(self) -> int:
@@ -530,7 +533,7 @@ class Parser:
                 proto = _splice([UDP] * len(tails), g_proto, placed)
         times: Callable[[], list[float]] | None = None
         if now is None:
-            times = _stamper(meta, slow, [r[0] for r in general], placed)
+            times = _Stamper(meta, slow, [r[0] for r in general], placed)
         return Batch(Records(srcs, qtypes, hops, flags, proto, times, ts), len(meta) // 16,
                      ignored)
 
@@ -960,18 +963,34 @@ def _splice(fast: list[T], extra: Sequence[T], at: list[int]) -> list[T]:
     return out
 
 
-def _stamper(meta: bytes, slow: list[int], extra: list[float],
-             at: list[int]) -> Callable[[], list[float]]:
+class _Stamper:
     """The records' capture times, computed when first read: the timestamps of the
     fast-path frames (every frame but the ``slow`` ones, see parse_batch), with those of
     the general path's records (``extra``) spliced in at ``at``."""
-    def times() -> list[float]:
-        fields = array("I", meta)
+
+    __slots__ = ("meta", "slow", "extra", "at")
+
+    def __init__(self, meta: bytes, slow: list[int], extra: list[float],
+                 at: list[int]) -> None:
+        self.meta, self.slow, self.extra, self.at = meta, slow, extra, at
+
+    def __call__(self) -> list[float]:
+        fields = array("I", self.meta)
         stamps = list(map(add, fields[0::4], map(mul, fields[1::4], repeat(1e-6))))
+        slow = self.slow
         if slow:
             keep = [True] * len(stamps)
             for k, before in enumerate(slow):
                 keep[before + k] = False
             stamps = list(compress(stamps, keep))
-        return _splice(stamps, extra, at) if extra else stamps
-    return times
+        return _splice(stamps, self.extra, self.at) if self.extra else stamps
+
+    def last(self) -> float:
+        """The last record's time (of a batch with records), without the others'."""
+        fast = len(self.meta) // 16 - len(self.slow)  # the fast-path records
+        if self.extra and self.at[-1] >= fast:  # a general record comes last
+            return self.extra[-1]
+        frame = fast - 1 + bisect_right(self.slow, fast - 1)  # the last fast record's
+        sec, usec = _META.unpack_from(self.meta, frame * 16)[:2]
+        stamp: float = sec + usec * 1e-6  # as __call__ computes it
+        return stamp

@@ -211,6 +211,18 @@ class RateTable(Generic[K]):
         over = Counter(compress(keys, map(lt, repeat(threshold), news)))
         return [key for key, n in over.items() if totals[key] - n * weight <= threshold]
 
+    def crossed_counts(self, counts: Mapping[K, int], threshold: int,
+                       weight: int = 1) -> list[K]:
+        """:meth:`crossed` for a batch counted as ``key -> packets`` (distinct keys, each
+        count ``weight`` times: :meth:`add_counts` of the weighted counts).
+
+        One C pass over the batch's distinct keys when none is over."""
+        totals = self._totals
+        if not counts or max(map(totals.__getitem__, counts)) <= threshold:
+            return []
+        return [key for key, n in counts.items()
+                if threshold < totals[key] <= threshold + n * weight]
+
     def running_over(self, threshold: int) -> list[K]:
         """The keys whose running total (an upper bound of the window count) exceeds
         ``threshold``, selected in C: the candidates of :meth:`over`."""
