@@ -68,7 +68,8 @@ def human_duration(seconds: float) -> str:
     return "".join(parts)
 
 
-def _show_source(network: Network) -> str:
+def show_source(network: Network) -> str:
+    """A network as an operator writes it: an address without its /32 or /128."""
     if network.prefixlen == network.max_prefixlen:
         return str(network.network_address)
     return str(network)
@@ -81,7 +82,7 @@ def format_bans(records: list[dict[str, Any]], now: float) -> list[str]:
         return ["no bans"]
     rows = [("SOURCE", "SCOPE", "RULE", "BANNED SINCE", "EXPIRES IN", "PACKETS", "BYTES")]
     for r in records:
-        rows.append((_show_source(ipaddress.ip_network(r["source"])), r["scope"]["text"],
+        rows.append((show_source(ipaddress.ip_network(r["source"])), r["scope"]["text"],
                      r["rule"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"])),
                      "never" if r["expires"] is None else human_duration(r["expires"] - now),
                      str(r["packets"]), str(r["bytes"])))
@@ -147,7 +148,7 @@ def _ban(args: argparse.Namespace) -> int:
     if reply is None:
         why = protected_reason(network, config.whitelist, own_networks())
         if why is not None and not args.force:
-            raise FlooddError(f"refusing to ban {_show_source(network)}: {why} "
+            raise FlooddError(f"refusing to ban {show_source(network)}: {why} "
                               "(use --force to ban it anyway)")
         bans = _kernel_bans(args, config, set_up=True)
         done = bans.ban(clock_now(), [NewBan(network, reason, seconds)])
@@ -155,7 +156,7 @@ def _ban(args: argparse.Namespace) -> int:
             inside = bans.holder(network)
             raise Failure(f"{network} was not added: it lies inside the banned prefix "
                               f"{inside}" if inside else f"{network} was not added")
-    print(f"banned {_show_source(network)} for {human_duration(seconds)} ({reason})")
+    print(f"banned {show_source(network)} for {human_duration(seconds)} ({reason})")
     return 0
 
 
@@ -171,7 +172,7 @@ def _unban(args: argparse.Namespace) -> int:
         banned = [t.network for t in bans.targets()]
     if network is not None and network not in banned:
         inside = holder(network, banned)
-        print(f"{_show_source(network)} is not banned"
+        print(f"{show_source(network)} is not banned"
               + (f" (it lies inside the banned prefix {inside})" if inside else ""),
               file=sys.stderr)
         return 1
@@ -188,9 +189,9 @@ def _unban(args: argparse.Namespace) -> int:
     if network is None:
         print(f"unbanned {len(scopes)} {'ban' if len(scopes) == 1 else 'bans'}")
     elif scopes in ([], [WHOLE.as_json()]):
-        print(f"unbanned {_show_source(network)}")
+        print(f"unbanned {show_source(network)}")
     else:
-        print(f"unbanned {_show_source(network)} "
+        print(f"unbanned {show_source(network)} "
               f"({'; '.join(scope['text'] for scope in scopes)})")
     return 0
 

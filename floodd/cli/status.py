@@ -1,4 +1,5 @@
-"""``floodd status`` and ``floodd top``: what the running daemon sees, over its control socket."""
+"""``floodd status``: what the running daemon sees, over its control socket (``floodd top``
+is in floodd.cli.top)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 from typing import Any
 
 from floodd.cli.common import add_config_option, config_from_args
-from floodd.errors import FlooddError
+from floodd.cli.top import source_table
 from floodd.service.control import request
+from floodd.service.fleet import fleet_line
 
 
 def _socket_path(args: argparse.Namespace) -> str:
@@ -32,28 +34,9 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {reply['excluded']} bans kept out of the capture (their drops are in "
               "`floodd bans`)")
     print(f"bans: {reply['bans']} (max {reply['max_bans']})")
-    _print_top(reply["top"])
-    return 0
-
-
-def _print_top(top: list[dict[str, Any]]) -> None:
-    if not top:
-        print("no traffic in the window")
-        return
-    print(f"{'packets':>10} {'per s':>9}  source")
-    for row in top:
-        banned = "  (banned)" if row.get("banned") else ""
-        print(f"{row['packets']:>10} {row['rate']:>9.1f}  {row['source']}{banned}")
-
-
-def _top(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise FlooddError(f"top: -n: expected a positive number, got {args.n}")
-    reply = request(_socket_path(args), "top", n=args.n)
-    if args.json:
-        print(json.dumps(reply["top"], indent=1))
-    else:
-        _print_top(reply["top"])
+    if reply.get("fleet"):
+        print(fleet_line(reply["fleet"]))
+    print("\n".join(source_table(reply["top"])))
     return 0
 
 
@@ -64,10 +47,3 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     add_config_option(p)
     p.set_defaults(handler=_status)
-    p = sub.add_parser("top", help="the busiest sources right now",
-                       description="The sources sending the most queries in the rate "
-                                   "table's window, from the running floodd.")
-    p.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    add_config_option(p)
-    p.set_defaults(handler=_top)
