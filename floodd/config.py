@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, TypeVar
 
@@ -209,6 +210,63 @@ class MetricsConfig:
         return host, port
 
 
+UPSTREAM_ACTIONS = ("discard", "rate-limit")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Drops pushed upstream over BGP by ``floodd exabgp`` (ExaBGP's API process) when the
+    inbound traffic nears the link's capacity; the daemon itself never reads this."""
+
+    enabled: bool = False
+    link_capacity: int = 0  # bits/s the link carries inbound; required when enabled
+    packet_capacity: int = 0  # packets/s the link (or the host) takes; 0: not watched
+    trigger: float = 0.8  # the fraction of a capacity that is a flood
+    sustain: float = 3.0  # seconds over the trigger before announcing
+    hold: float = 600.0  # seconds under the trigger (or without floodd) before withdrawing
+    poll_interval: float = 1.0
+    max_routes: int = 100  # FlowSpec routes announced at most
+    action: str = "discard"
+    rate: int = 0  # bits/s a source may keep with action rate-limit
+    # The FlowSpec destinations; empty: this host's own addresses (loopback and link-local
+    # left out).
+    destinations: tuple[Network, ...] = ()
+    blackhole: bool = False  # announce blackhole_address with community 65535:666 (RFC 7999)
+    blackhole_address: Network | None = None
+    blackhole_after: float = 30.0  # seconds still over the trigger after the FlowSpec rules
+    dry_run: bool = False  # log what would be announced, announce nothing
+
+
+# Decision origins a fleet member enforces unless told otherwise: floodd's own pushes, the
+# CrowdSec agents' and the operators' (cscli).  CrowdSec's community blocklists (CAPI,
+# lists) only when configured.
+CROWDSEC_ORIGINS = ("floodd", "crowdsec", "cscli")
+CROWDSEC_SCOPES = ("ip", "range")
+
+
+@dataclass(frozen=True)
+class CrowdsecConfig:
+    """The fleet link: a CrowdSec Local API (LAPI) as the decision store shared by several
+    nameservers.  Off without ``url``."""
+
+    url: str | None = None  # http(s)://HOST:PORT of the LAPI, without /v1
+    machine_id: str = ""  # push: this node's machine (cscli machines add)
+    password: str = field(default="", repr=False)  # the machine's password (a secret)
+    password_file: str | None = None  # where it was read from, if from a file
+    api_key: str = field(default="", repr=False)  # pull: this node's bouncer key (a secret)
+    api_key_file: str | None = None
+    push: bool = True  # send floodd's own bans to the LAPI
+    pull: bool = True  # enforce the LAPI's decisions
+    pull_interval: float = 10.0
+    origins: tuple[str, ...] = CROWDSEC_ORIGINS  # lower case
+    scopes: tuple[str, ...] = CROWDSEC_SCOPES  # lower case: ip, range
+    max_bans: int = 5_000  # fleet bans at most (the rest of firewall.max_bans is floodd's)
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None and (self.push or self.pull)
+
+
 DEFAULT_WHITELIST = ("127.0.0.0/8", "::1/128")
 
 DEFAULT_RULES: tuple[dict[str, Any], ...] = (
@@ -234,6 +292,8 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    crowdsec: CrowdsecConfig = field(default_factory=CrowdsecConfig)
 
     def settings(self) -> dict[str, Any]:
         """Everything but ``source``, as plain data (for comparison and display)."""
@@ -479,7 +539,7 @@ def _is_multiple(value: float, step: float) -> bool:
 
 
 _TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "trust", "daemon",
-             "metrics"}
+             "metrics", "upstream", "crowdsec"}
 
 
 def build_config(data: object, source: str = BUILTIN) -> Config:
@@ -605,7 +665,203 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
                         "HOST:PORT with an IP address, such as 127.0.0.1:9466 or [::1]:9466")
     metrics = MetricsConfig(listen=listen)
     return Config(source=source, capture=capture, rate_table=rate_table, whitelist=whitelist,
-                  rules=rules, firewall=firewall, trust=trust, daemon=daemon, metrics=metrics)
+                  rules=rules, firewall=firewall, trust=trust, daemon=daemon, metrics=metrics,
+                  upstream=_upstream(top.section("upstream")),
+                  crowdsec=_crowdsec(top.section("crowdsec"), firewall))
+
+
+_RATE_UNITS = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+_RATE_RE = re.compile(r"(\d{1,15}(?:\.\d{1,6})?)\s?([kKMGT]?)")
+
+
+def parse_rate(value: object) -> int:
+    """A rate (bits or packets per second), > 0: a number, or text with an SI unit
+    (``"10G"``, ``"1.5M"``, ``"800k"``: powers of 1000).  Raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str) and (m := _RATE_RE.fullmatch(value.strip())):
+        number = float(m.group(1)) * _RATE_UNITS[m.group(2)]
+    else:
+        raise ValueError(value)
+    if not math.isfinite(number) or not 1 <= number <= 1000**5:
+        raise ValueError(value)
+    return round(number)
+
+
+def _fraction(v: object) -> float:
+    """``0.8`` or ``"80%"``: more than 0, at most 1."""
+    if isinstance(v, str) and v.strip().endswith("%"):
+        number = float(v.strip()[:-1]) / 100
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        number = float(v)
+    else:
+        raise ValueError(v)
+    if not 0 < number <= 1:
+        raise ValueError(v)
+    return number
+
+
+def _host_address(v: object) -> Network:
+    if not isinstance(v, str):
+        raise ValueError(v)
+    return ipaddress.ip_network(ipaddress.ip_address(v.strip()))
+
+
+def _upstream(up: _Section) -> UpstreamConfig:
+    up.check_keys({f.name for f in fields(UpstreamConfig)})
+    d = UpstreamConfig()
+    bit_rate = "a bit rate such as 10G, 800M or 1M (bits/s)"
+    config = UpstreamConfig(
+        enabled=up.boolean("enabled", d.enabled),
+        link_capacity=up.get("link_capacity", d.link_capacity, parse_rate, bit_rate),
+        packet_capacity=up.get("packet_capacity", d.packet_capacity,
+                               lambda v: 0 if v == 0 else parse_rate(v),
+                               "a packet rate such as 1M or 500k (packets/s), or 0"),
+        trigger=up.get("trigger", d.trigger, _fraction,
+                       "a fraction of the capacity such as 0.8 or '80%'"),
+        sustain=up.duration("sustain", d.sustain, hi=3600.0),
+        hold=up.duration("hold", d.hold, hi=86400.0),
+        poll_interval=up.duration("poll_interval", d.poll_interval, hi=60.0),
+        max_routes=up.int("max_routes", d.max_routes, 1, 10_000),
+        action=up.choice("action", d.action, UPSTREAM_ACTIONS),
+        rate=up.get("rate", d.rate, parse_rate, bit_rate),
+        destinations=up.items("destinations", d.destinations, _network,
+                              "an address or CIDR prefix of this server such as 192.0.2.53",
+                              allow_empty=True),
+        blackhole=up.boolean("blackhole", d.blackhole),
+        blackhole_address=up.get("blackhole_address", d.blackhole_address,
+                                 lambda v: None if v is None else _host_address(v),
+                                 "an IP address such as 192.0.2.53"),
+        blackhole_after=up.duration("blackhole_after", d.blackhole_after, hi=3600.0),
+        dry_run=up.boolean("dry_run", d.dry_run),
+    )
+    if config.enabled and not config.link_capacity:
+        raise ConfigError(up.source, up.key_path("link_capacity"),
+                          f"expected {bit_rate} when upstream.enabled is true, got nothing")
+    if config.action == "rate-limit" and not config.rate:
+        raise ConfigError(up.source, up.key_path("rate"),
+                          f"expected {bit_rate} with action rate-limit, got nothing")
+    if config.blackhole and config.blackhole_address is None:
+        raise ConfigError(up.source, up.key_path("blackhole_address"),
+                          "expected the IP address to blackhole when upstream.blackhole is "
+                          "true, got nothing")
+    return config
+
+
+_SECRET_RE = re.compile(r"[\x21-\x7e]{1,512}")  # one line, printable, no spaces
+_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
+
+
+def _lapi_url(v: object) -> str:
+    """``http(s)://HOST[:PORT][/PATH]`` without query or fragment, no trailing slash."""
+    if not isinstance(v, str):
+        raise ValueError(v)
+    parts = urllib.parse.urlsplit(v.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or \
+            parts.fragment or parts.username or parts.password:
+        raise ValueError(v)
+    parts.port  # ValueError for a port out of range
+    return v.strip().rstrip("/")
+
+
+def _secret(sec: _Section, key: str, role: str, needed: bool) -> tuple[str, str | None]:
+    """The secret ``key`` of ``sec`` given inline or as ``key_file`` (exactly one of
+    them when ``needed``), with the file it came from; never shown in an error."""
+    file_key = f"{key}_file"
+    inline, path = sec.data.get(key), sec.data.get(file_key)
+    if inline is not None and path is not None:
+        raise ConfigError(sec.source, sec.key_path(key),
+                          f"expected {key} or {file_key}, not both")
+    if inline is None and path is None:
+        if needed:
+            raise ConfigError(sec.source, sec.key_path(key),
+                              f"expected {key} or {file_key} with {role}: true, got nothing")
+        return "", None
+    if path is not None:
+        if not isinstance(path, str) or not path.strip():
+            raise sec.fail(file_key, "a file name", path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(sec.source, sec.key_path(file_key),
+                              f"cannot read {path}: {why}") from None
+        if not _SECRET_RE.fullmatch(text):
+            raise ConfigError(sec.source, sec.key_path(file_key),
+                              f"expected {path} to hold one line of printable characters "
+                              "without spaces")
+        return text, path
+    if not isinstance(inline, str) or not _SECRET_RE.fullmatch(inline):
+        raise ConfigError(sec.source, sec.key_path(key),
+                          "expected one line of printable characters without spaces "
+                          "(the value is not shown)")
+    return inline, None
+
+
+def _origin(v: object) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", v.strip()):
+        raise ValueError(v)
+    return v.strip().lower()
+
+
+def _crowdsec(cs: _Section, firewall: FirewallConfig) -> CrowdsecConfig:
+    cs.check_keys({f.name for f in fields(CrowdsecConfig)})
+    d = CrowdsecConfig()
+    url = None
+    if cs.data.get("url") is not None:
+        url = cs.get("url", None, _lapi_url,
+                     "the Local API's URL such as http://192.0.2.10:8080")
+    push = cs.boolean("push", d.push)
+    pull = cs.boolean("pull", d.pull)
+    on = url is not None
+    machine_id = cs.get("machine_id", d.machine_id, _machine_name,
+                        "a machine name such as ns1 (cscli machines add)")
+    if on and push and not machine_id:
+        raise ConfigError(cs.source, cs.key_path("machine_id"),
+                          "expected this node's machine name with push: true, got nothing")
+    password, password_file = _secret(cs, "password", "push", on and push)
+    api_key, api_key_file = _secret(cs, "api_key", "pull", on and pull)
+    config = CrowdsecConfig(
+        url=url, machine_id=machine_id, password=password, password_file=password_file,
+        api_key=api_key, api_key_file=api_key_file, push=push, pull=pull,
+        pull_interval=cs.duration("pull_interval", d.pull_interval, hi=3600.0),
+        origins=cs.items("origins", d.origins, _origin,
+                         "a decision origin such as floodd, crowdsec, cscli, CAPI or lists"),
+        scopes=cs.items("scopes", d.scopes, lambda v: _choice(v, CROWDSEC_SCOPES),
+                        "Ip or Range"),
+        max_bans=cs.int("max_bans", min(d.max_bans, max(1, firewall.max_bans // 2)),
+                        1, firewall.max_bans),
+    )
+    return config
+
+
+def _machine_name(v: object) -> str:
+    if not isinstance(v, str) or not _NAME_RE.fullmatch(v):
+        raise ValueError(v)
+    return v
+
+
+def _choice(v: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(v, str) or v.strip().lower() not in choices:
+        raise ValueError(v)
+    return v.strip().lower()
+
+
+def _crowdsec_summary(c: CrowdsecConfig) -> str:
+    """The fleet link for people: never a secret, only where it comes from."""
+    roles = []
+    if c.push:
+        where = f"password from {c.password_file}" if c.password_file else "password inline"
+        roles.append(f"push floodd's bans as machine {c.machine_id} ({where})")
+    if c.pull:
+        where = f"key from {c.api_key_file}" if c.api_key_file else "key inline"
+        roles.append(f"pull decisions every {c.pull_interval:g} s ({where}) from origins "
+                     f"{', '.join(c.origins)}, scopes {', '.join(c.scopes)}, at most "
+                     f"{c.max_bans} fleet bans")
+    return f"Local API {c.url}: " + "; ".join(roles)
 
 
 def default_config() -> Config:
@@ -681,5 +937,19 @@ def summary(config: Config) -> list[str]:
         f"control socket {c.daemon.control_socket}, state in {c.daemon.state_dir}",
         "metrics: " + (f"Prometheus endpoint http://{c.metrics.listen}/metrics"
                        if c.metrics.listen else "off"),
+        "upstream: " + (_upstream_summary(c.upstream) if c.upstream.enabled else "off"),
+        "crowdsec: " + (_crowdsec_summary(c.crowdsec) if c.crowdsec.enabled else "off"),
     ]
     return lines
+
+
+def _upstream_summary(u: UpstreamConfig) -> str:
+    packets = f" or {u.packet_capacity:,} packets/s" if u.packet_capacity else ""
+    action = "discard" if u.action == "discard" else f"rate-limit to {u.rate:,} bits/s"
+    to = ", ".join(str(n) for n in u.destinations) or "this host's addresses"
+    blackhole = (f"; blackhole {u.blackhole_address.network_address} {u.blackhole_after:g} s "
+                 "later" if u.blackhole and u.blackhole_address else "")
+    return (f"over {u.trigger:.0%} of {u.link_capacity:,} bits/s{packets} for {u.sustain:g} s, "
+            f"FlowSpec {action} for up to {u.max_routes} banned sources to {to}{blackhole}; "
+            f"withdrawn {u.hold:g} s after; polled every {u.poll_interval:g} s"
+            + (" (dry run)" if u.dry_run else ""))

@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from floodd import __version__
-from floodd.cli import analyze, bans, check_config, run, status, top
+from floodd.cli import analyze, bans, check_config, exabgp, run, status, top
 from floodd.cli.common import Parser
 from floodd.errors import FlooddError
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "'floodd COMMAND --help' tells more of each command.")
     parser.add_argument("--version", action="version", version=f"floodd {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
-    for module in (check_config, run, analyze, status, top, bans):
+    for module in (check_config, run, analyze, status, top, bans, exabgp):
         module.register(sub)
     return parser
 

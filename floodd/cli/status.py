@@ -10,6 +10,7 @@ from typing import Any
 from floodd.cli.common import add_config_option, config_from_args
 from floodd.cli.top import source_table
 from floodd.service.control import request
+from floodd.service.fleet import fleet_line
 
 
 def _socket_path(args: argparse.Namespace) -> str:
@@ -33,6 +34,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {reply['excluded']} bans kept out of the capture (their drops are in "
               "`floodd bans`)")
     print(f"bans: {reply['bans']} (max {reply['max_bans']})")
+    if reply.get("fleet"):
+        print(fleet_line(reply["fleet"]))
     print("\n".join(source_table(reply["top"])))
     return 0
 

@@ -45,6 +45,9 @@ from floodd.service.notify import Notifier
 from floodd.service.throttle import Throttle
 from floodd.decide.policy import Offences, Trigger, evaluate, plan
 from floodd.decide.safety import own_networks, protected_reason
+from floodd.decide.fleet import (FLEET, FleetBook, PushBan, Withdraw, is_fleet_rule,
+                                 own_claims, push_ban)
+from floodd.service.fleet import FleetLink
 from floodd.enforce.state import StateWriter, load_offences
 from floodd.service.requests import (BanRequest, ListBans, Request, Status, Top, UnbanRequest,
                                      parse_request)
@@ -239,6 +242,11 @@ class Daemon:
         self.pps = 0.0
         self._capture_problem_logged: str | None = None
         self._sampling_logged = 1
+        # The fleet link (crowdsec:) and the fleet's decisions floodd enforces (main loop).
+        self.fleet: FleetLink | None = None
+        self.fleet_book = FleetBook()
+        self._fleet_planned = 0.0  # (monotonic) when the kernel last followed the book
+        self._fleet_claimed = False  # the first startup reply was searched for own decisions
 
     # --- signals: flags only --------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -310,6 +318,8 @@ class Daemon:
             # capture (and the watchdog) carry on.
             self._crossed.clear()
             self._guarded("ban", self._policy_tick, at, self.metrics.tick_duration)
+            if self.fleet is not None:
+                self._guarded("fleet ban", self._fleet_tick, at, self.metrics.tick_duration)
             if mono >= next_rescan:
                 next_rescan += self.config.firewall.rescan_interval
                 if next_rescan <= mono:  # fell behind (a slow tick): no burst of rescans
@@ -361,6 +371,9 @@ class Daemon:
                                  self._state_failed)
         backend, self.backend_note = self._make_backend(cfg)
         self.bans.start(at, backend)  # adopts the bans in the kernel, changes none
+        if cfg.crowdsec.enabled:
+            self.fleet = FleetLink(cfg.crowdsec, self.log)
+            self.fleet.start()
         self._update_exclusions(at.mono)
         self._start_captures(self._open_captures(cfg))
         self._publish()
@@ -401,6 +414,8 @@ class Daemon:
 
     def _shutdown(self, flush: bool) -> None:
         self.notifier.stopping()
+        if self.fleet is not None:
+            self.fleet.stop()
         self._stop_captures()
         if self.control is not None:
             self.control.close()
@@ -479,6 +494,11 @@ class Daemon:
         landed = time.monotonic()
         added = {ban.target for ban in done.added}
         self._count_changes(done.removed, "replaced")
+        self._tell_fleet([push_ban(trig.network, trig.scope, trig.rule, seconds,
+                                   f"{trig.count} packets in {trig.window:g} s "
+                                   f"({trig.rate:.1f}/s)")
+                          for trig, seconds in decided.bans if trig.target in added],
+                         done.removed)
         for trig, _ in decided.bans:
             if trig.target in added:
                 self._heat[trig.target] = trig.rate
@@ -513,6 +533,74 @@ class Daemon:
                 packets=trig.count, ban_time=seconds, scope=trig.scope.text())
         if escalated:
             self._save_state(at)
+
+    # --- the fleet (crowdsec:) ----------------------------------------------------
+    def _tell_fleet(self, pushes: Sequence[PushBan | None], gone: Sequence[Target]) -> None:
+        """Hand the fleet link floodd's new bans and the ends of its bans (fleet bans are
+        never pushed; withdrawing a ban never pushed does nothing)."""
+        if self.fleet is not None:
+            self.fleet.submit([*(p for p in pushes if p is not None),
+                               *(Withdraw(t) for t in gone)])
+
+    def _fleet_tick(self, at: Instant) -> None:
+        """Take in the fleet's decisions; make the kernel follow them when some came, and
+        every rescan interval (a decision a ban of floodd's covered may be due now)."""
+        assert self.fleet is not None
+        updates = self.fleet.updates()
+        if not updates and at.mono < self._fleet_planned + self.config.firewall.rescan_interval:
+            return
+        banned = {t: (self.bans.rule(t), self.bans.deadline(t)) for t in self.bans.targets()}
+        for update in updates:
+            own: tuple[int, ...] = ()
+            if update.startup and not self._fleet_claimed:  # pushed before a restart
+                self._fleet_claimed = True
+                claims = own_claims(update, {t: rule for t, (rule, _) in banned.items()
+                                             if not is_fleet_rule(rule)})
+                self.fleet.submit(list(claims))
+                own = tuple(i for c in claims for i in c.ids)
+            self.fleet_book.apply(update, self.config.crowdsec, own)
+        self._fleet_planned = at.mono
+        if not self.bans.usable(at):
+            return
+        cfg = self.config
+        todo = self.fleet_book.plan(at.mono, banned, self._protected, cfg.crowdsec.max_bans,
+                                    cfg.firewall.max_bans - len(banned))
+        for r in todo.refused:
+            self.metrics.refused.labels(refusal_label(r.reason)).inc()
+            if self._refused.allow(at.mono, (r.network, r.reason), 60):
+                self.log.warning(f"not banning {r.network} ({r.reason}): {r.rule}",
+                                 action="refuse", source=r.network, rule=r.rule)
+        # A network floodd also bans on its own keeps all its bans until the kernel ends
+        # them: an unban removes every ban of a network.
+        mine = {t.network for t, (rule, _) in banned.items() if not is_fleet_rule(rule)}
+        over = [t.network for t in todo.unbans if t.network not in mine]
+        if over:
+            gone = self.bans.unban(at, over)
+            self._count_changes(gone, "expired")
+            for t in gone:
+                self.log.info(f"unban {t}: the fleet's decision is over", action="unban",
+                              source=t.network, scope=t.scope.text())
+        if todo.bans:
+            done = self.bans.ban(at, [NewBan(b.network, b.rule, b.seconds, b.scope)
+                                      for b in todo.bans])
+            self._count_changes(done.removed, "replaced")
+            for ban in done.added:
+                extended = ban.target in banned
+                if not extended:
+                    self.metrics.bans_added.labels(FLEET).inc()
+                self.log.notice(f"{'extend' if extended else 'ban'} {ban.target} for "
+                                f"{ban.expires - at.wall:.0f} s: {ban.rule}",
+                                action="ban", source=ban.network, rule=ban.rule,
+                                ban_time=round(ban.expires - at.wall), scope=ban.scope.text())
+        if over or todo.bans:
+            self._update_exclusions(at.mono)
+
+    def _fleet_status(self) -> dict[str, Any] | None:
+        """The fleet link for ``floodd status`` (control thread: reads only)."""
+        if self.fleet is None:
+            return None
+        bans = sum(n for (rule, _), n in self.metrics.snapshot.bans.items() if rule == FLEET)
+        return {**self.fleet.state.as_json(), "decisions": len(self.fleet_book), "bans": bans}
 
     def _warn(self, mono: float, trig: Trigger) -> None:
         """Log a warn rule's trigger, once per rule window for each network."""
@@ -573,6 +661,11 @@ class Daemon:
                           f"{', '.join(str(ib.network) for ib in done.adopted[:5])}"
                           f"{', ...' if len(done.adopted) > 5 else ''}", action="adopt",
                           packets=len(done.adopted))
+        self._tell_fleet([push_ban(ban.network, ban.scope, ban.rule, ban.expires - at.wall,
+                                   f"still dropping {self._heat.get(ban.target, 0.0):.1f} "
+                                   "packets/s") for ban in done.extended],
+                         [*(ib.target for ib in done.unbanned),
+                          *(ban.target for ban in done.expired)])
         stale = self.config.firewall.stale_after
         self._count_changes([ib.target for ib in done.unbanned], "expired")
         self._count_changes([ban.target for ban in done.expired], "expired")
@@ -606,6 +699,8 @@ class Daemon:
                 new.daemon.control_socket != old.daemon.control_socket:
             self.log.warning("firewall.backend, firewall.scope and daemon.control_socket "
                              "changes take effect on restart", action="reload")
+        if new.crowdsec != old.crowdsec:
+            self.log.warning("crowdsec changes take effect on restart", action="reload")
         with self.lock:  # the tables of unchanged rules keep their counts
             self.traffic.reconfigure(new)
         if workers is not None:
@@ -707,7 +802,8 @@ class Daemon:
         bans: dict[tuple[str, str], int] = {}
         for target in self.bans.targets():
             rule = self.bans.rule(target)
-            label = (rule if rule in names else OPERATOR, scope_label(target.scope))
+            kind = rule if rule in names else FLEET if is_fleet_rule(rule) else OPERATOR
+            label = (kind, scope_label(target.scope))
             bans[label] = bans.get(label, 0) + 1
         counts = []
         for w in self.workers:
@@ -748,7 +844,7 @@ class Daemon:
                     "received": stats.received, "kernel_drops": stats.dropped,
                     "bans": len(self.bans), "max_bans": self.config.firewall.max_bans,
                     "sampling": self.sampling, "excluded": self.excluded,
-                    "top": self._top(10)}
+                    "top": self._top(10), "fleet": self._fleet_status()}
         if isinstance(req, Top):
             return {"ok": True, "top": self._top(req.n)}
         pending = _Pending(req)
@@ -833,6 +929,8 @@ class Daemon:
     def _operator_unban(self, at: Instant, req: UnbanRequest) -> dict[str, Any]:
         gone = self.bans.unban(at, None if req.network is None else [req.network])
         self._count_changes(gone, "operator")
+        self.fleet_book.dismiss(None if req.network is None else [req.network])
+        self._tell_fleet([], gone)
         self._update_exclusions(at.mono)
         if req.network is not None and not gone:
             raise Failure(f"unban: {req.network} is not banned")
