@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from lab.netns import Lab
+from lab.netns import Lab, stop_process
 
 PROTOCOL = "upstream"  # the name of BIRD's BGP protocol
 
@@ -144,13 +144,8 @@ class _Process:
 
     def stop(self) -> None:
         """SIGTERM to the daemon's pid, SIGKILL after 10 s.  Safe to call again."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
+        if self._proc is not None:
+            stop_process(self._proc, 10)
         if self._out is not None:
             self._out.close()
             self._out = None

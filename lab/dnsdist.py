@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from lab.netns import GATEWAY_V4, Lab, in_netns
+from lab.netns import GATEWAY_V4, Lab, in_netns, stop_process
 
 ADDRESS = "192.0.2.54"  # where dnsdist listens; BIND stays on Lab.server_v4
 WEB_PORT = 8083  # dnsdist's web server, on the server namespace's 127.0.0.1
@@ -141,13 +141,8 @@ class Dnsdist:
 
     def stop(self) -> None:
         """SIGTERM (SIGKILL after 5 s); the address stays (removed with the lab)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
+        if self._proc is not None:
+            stop_process(self._proc, 5)
         if self._log is not None:
             self._log.close()
             self._log = None

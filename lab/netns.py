@@ -114,7 +114,7 @@ class Lab:
 
     def close(self) -> None:
         for proc in [*self._procs, *([self._named] if self._named else [])]:
-            _stop(proc)
+            stop_process(proc)
         self._procs.clear()
         self._named = None
         for ns in (self.server_ns, self.client_ns):
@@ -203,12 +203,14 @@ def _ip(*args: str) -> None:
                    stderr=subprocess.PIPE, timeout=30)
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """SIGTERM to ``proc`` (its process group when it leads one), SIGKILL after
+    ``timeout`` seconds; nothing when it has ended."""
     if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM) if _own_group(proc) else proc.terminate()
-        proc.wait(timeout=5)
+        proc.wait(timeout=timeout)
     except (subprocess.TimeoutExpired, ProcessLookupError):
         proc.kill()
         proc.wait(timeout=5)

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Callable, TypeVar
 
-from lab.netns import Lab, in_netns
+from lab.netns import Lab, in_netns, stop_process
 
 JOB = "floodd"
 T = TypeVar("T")
@@ -136,13 +136,8 @@ class Prometheus:
     def stop(self) -> None:
         """SIGTERM to the server's pid (SIGKILL after 10 s), then remove its directory
         (configuration, data, log). Safe to call again."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
+        if self._proc is not None:
+            stop_process(self._proc, 10)
         if self._log is not None:
             self._log.close()
             self._log = None
