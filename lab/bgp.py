@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from lab.netns import Lab, stop_process
+from lab.netns import Lab, Started, stop_process
 
 PROTOCOL = "upstream"  # the name of BIRD's BGP protocol
 
@@ -101,7 +101,7 @@ class FlowSpec:
         return "0x80060000, 0x0)" in self.ext_community
 
 
-class _Process:
+class _Process(Started):
     """A daemon in a namespace, in a directory of its own, stopped by its pid."""
 
     name = "process"
@@ -132,15 +132,6 @@ class _Process:
                                       stdin=subprocess.DEVNULL, stdout=self._out,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, "start() first"
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def stop(self) -> None:
         """SIGTERM to the daemon's pid, SIGKILL after 10 s.  Safe to call again."""

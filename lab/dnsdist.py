@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from lab.netns import GATEWAY_V4, Lab, in_netns, stop_process
+from lab.netns import GATEWAY_V4, Lab, Started, in_netns, stop_process
 
 ADDRESS = "192.0.2.54"  # where dnsdist listens; BIND stays on Lab.server_v4
 WEB_PORT = 8083  # dnsdist's web server, on the server namespace's 127.0.0.1
@@ -52,7 +52,7 @@ def available() -> bool:
     return shutil.which("dnsdist") is not None
 
 
-class Dnsdist:
+class Dnsdist(Started):
     """dnsdist in ``lab``'s server namespace in front of its BIND (see the module
     docstring): more than ``threshold`` queries in ``window`` seconds from one source
     gets it blocked for ``ban_time`` seconds."""
@@ -74,15 +74,6 @@ class Dnsdist:
         self.argv = ["dnsdist", "--supervised", "--disable-syslog", "-C", str(self.config)]
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, "start() first"
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 15.0) -> Dnsdist:
         """Give the server veth :data:`ADDRESS`, start dnsdist and wait until it answers

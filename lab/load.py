@@ -44,7 +44,7 @@ from lab import synth
 from floodd.config import load_config
 from floodd.service.control import request
 from floodd.errors import FlooddError
-from lab.netns import Lab
+from lab.netns import Lab, Started
 
 # What a legitimate client asks: names of the lab zone, the everyday query types.
 LEGIT_QUERIES = ("www.lab.example A", "www.lab.example AAAA", "lab.example TXT",
@@ -117,7 +117,7 @@ def _legit_queries(workdir: Path) -> Path:
     return path if path.exists() else write_queries(path)
 
 
-class Dnsperf:
+class Dnsperf(Started):
     """dnsperf from ``source`` (an address it adds to the client namespace) asking
     :data:`LEGIT_QUERIES` in turn, with ``clients`` sockets; ``rate`` None sends as fast
     as :data:`OUTSTANDING` lets it; ``interval`` prints answers/s every so many seconds
@@ -155,10 +155,6 @@ class Dnsperf:
         self._proc = self.lab.popen(self.lab.client_ns, self.argv, stdout=self._out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         return self
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def intervals(self) -> tuple[tuple[float, float], ...]:
         """The ``-S`` lines so far: (unix time, answers per second)."""
@@ -335,7 +331,7 @@ class ReplayReport:
         return self.packets / self.seconds if self.seconds else 0.0
 
 
-class Replay:
+class Replay(Started):
     """tcpreplay of a capture on the client veth: at ``pps``, or top speed when None;
     ``loops`` times; stopped after ``duration`` seconds when given."""
 
@@ -359,10 +355,6 @@ class Replay:
                                     stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
         return self
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def wait(self) -> ReplayReport:
         assert self._proc is not None, "start() first"
@@ -780,7 +772,7 @@ def lab_config(workdir: Path, rules: Sequence[dict[str, Any]], *,
     return path
 
 
-class FlooddProcess:
+class FlooddProcess(Started):
     """``floodd run -c CONFIG -i <server veth>`` in the lab's server namespace."""
 
     def __init__(self, lab: Lab, config: Path, log: Path) -> None:
@@ -792,15 +784,6 @@ class FlooddProcess:
                      "-i", lab.server_if]
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, "start() first"
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 20.0) -> FlooddProcess:
         """Start floodd and wait until its control socket answers."""

@@ -203,6 +203,22 @@ def _ip(*args: str) -> None:
                    stderr=subprocess.PIPE, timeout=30)
 
 
+class Started:
+    """A process a test started (``_proc``, set by its ``start``): its pid and whether
+    it still runs."""
+
+    _proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "start() first"
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
     """SIGTERM to ``proc`` (its process group when it leads one), SIGKILL after
     ``timeout`` seconds; nothing when it has ended."""

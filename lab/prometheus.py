@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Callable, TypeVar
 
-from lab.netns import Lab, in_netns, stop_process
+from lab.netns import Lab, Started, in_netns, stop_process
 
 JOB = "floodd"
 T = TypeVar("T")
@@ -66,7 +66,7 @@ def _free_port() -> int:
         return port
 
 
-class Prometheus:
+class Prometheus(Started):
     """One Prometheus server scraping ``target`` (see the module docstring); a context
     manager, or :meth:`start` then :meth:`stop`."""
 
@@ -91,15 +91,6 @@ class Prometheus:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, "start() first"
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     @property
     def url(self) -> str:
