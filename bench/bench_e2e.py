@@ -257,39 +257,6 @@ class Meter:
         return self.listings[-1]
 
 
-class Poller:
-    """Calls ``read`` every ``interval`` s in a thread (stopped after ``limit`` s) and
-    keeps (unix time, result); failures are kept as the last error."""
-
-    def __init__(self, read: Callable[[], Any], interval: float, limit: float) -> None:
-        self.read = read
-        self.interval = interval
-        self.limit = limit
-        self.samples: list[tuple[float, Any]] = []
-        self.error: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Poller:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.limit
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                value = self.read()
-            except Exception as exc:  # a meter: what failed is reported, never raised
-                self.error = str(exc)[:200]
-            else:
-                self.samples.append((time.time(), value))
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
 def reached(curve: Sequence[tuple[float, int]], count: float) -> float | None:
     """When a counter sampled as (time, value) reached ``count``: interpolated between
     the two samples around it; None if it never did."""
@@ -431,8 +398,8 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
     fl: load.FlooddProcess | None = None
     peer: dnsdist.Dnsdist | None = None
     limit = setup.seconds + 60
-    status: Poller | None = None
-    blocks: Poller | None = None
+    status: load.Poller | None = None
+    blocks: load.Poller | None = None
     if defender == "floodd":
         config = load.lab_config(rundir, [rule(setup.threshold)],
                                  rate_table={"window": WINDOW},
@@ -446,11 +413,11 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
             reply = proc.request("status", timeout=2.0)
             return int(reply["received"]), int(reply["kernel_drops"])
 
-        status = Poller(floodd_status, 0.25, limit)
+        status = load.Poller(floodd_status, 0.25, limit)
     elif defender == "dnsdist":
         peer = dnsdist.Dnsdist(lab, rundir, threshold=setup.threshold, window=WINDOW).start()
         pids["defender"] = peer.pid
-        blocks = Poller(peer.blocks, PEER_POLL, limit)
+        blocks = load.Poller(peer.blocks, PEER_POLL, limit)
     perfs: list[load.Dnsperf] = []
     replays: list[load.Replay] = []  # bounded by --duration; Lab.close ends the rest
     try:

@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Self, Sequence
 
 import yaml
 
@@ -639,42 +639,64 @@ def delete_table(lab: Lab) -> None:
     lab.run(lab.server_ns, ["nft", "delete", "table", "inet", FLOODD_TABLE], check=False)
 
 
-class BanWatcher:
+class Poller:
+    """Calls ``read`` every ``interval`` s in a thread (stopped after ``limit`` s) and
+    hands each result to :meth:`take` (by default kept as (unix time, result) in
+    ``samples``); a failure is kept as the last error, never raised."""
+
+    def __init__(self, read: Callable[[], Any], interval: float, limit: float,
+                 name: str = "poller") -> None:
+        self.read = read
+        self.interval = interval
+        self.limit = limit
+        self.samples: list[tuple[float, Any]] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def take(self, at: float, value: Any) -> None:
+        self.samples.append((at, value))
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                value = self.read()
+            except Exception as exc:  # a meter: what failed is reported, never raised
+                self.error = str(exc)[:200]
+            else:
+                self.take(time.time(), value)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
+class BanWatcher(Poller):
     """Polls :func:`kernel_bans` (or ``read``, e.g. :func:`iptables_bans`) in a thread: when
     each ban first appeared, how it last looked (``seen``: rule, dropped packets) and the
     most bans at once.  Stops by itself after ``limit`` seconds."""
 
     def __init__(self, lab: Lab, interval: float = 0.1, limit: float = 300.0,
                  read: Callable[[Lab], dict[str, KernelBan]] = kernel_bans) -> None:
+        super().__init__(lambda: read(lab), interval, limit, "ban-watcher")
         self.lab = lab
-        self.read = read
-        self.interval = interval
-        self.limit = limit
         self.first_seen: dict[str, float] = {}
         self.seen: dict[str, KernelBan] = {}
         self.most = 0
-        self.error: str | None = None  # the last failed listing, if any
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ban-watcher", daemon=True)
 
-    def start(self) -> BanWatcher:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.limit
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                bans = self.read(self.lab)
-            except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-                self.error = str(exc)
-                bans = {}
-            seen = time.time()
-            for source, ban in bans.items():
-                self.first_seen.setdefault(source, seen)
-                self.seen[source] = ban
-            self.most = max(self.most, len(bans))
-            self._stop.wait(self.interval)
+    def take(self, at: float, value: Any) -> None:
+        bans: dict[str, KernelBan] = value
+        for source, ban in bans.items():
+            self.first_seen.setdefault(source, at)
+            self.seen[source] = ban
+        self.most = max(self.most, len(bans))
 
     def wait_for(self, sources: Iterable[str], timeout: float) -> bool:
         """Whether all ``sources`` were seen banned within ``timeout`` seconds."""
@@ -685,11 +707,6 @@ class BanWatcher:
                 return True
             time.sleep(0.05)
         return wanted <= self.first_seen.keys()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
 
 
 class ReplyCounter:
