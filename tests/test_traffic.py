@@ -431,11 +431,11 @@ def test_qtype_mix_estimates_each_sources_types_from_a_sample() -> None:
     traffic = Traffic(configured({}))
     for _ in range(40):  # batches of 5: the sample runs on across batches
         traffic.add_batch(1.0, [rec(0, S1)] * 3 + [rec(0, S1, ANY), rec(0, S2, 28)])
-    mix = traffic.qtype_mix(1.0, S1)
+    mix, mix2, mix6 = traffic.qtype_mixes(1.0, [S1, S2, S6])
     assert set(mix) == {A, ANY} and list(mix)[0] == A, mix  # the busiest type first
     assert 0.5 < mix[A] / (3 * 40) < 1.5 and 0.5 < mix[ANY] / 40 < 1.5, mix
-    assert traffic.qtype_mix(1.0, S2) and set(traffic.qtype_mix(1.0, S2)) == {28}
-    assert traffic.qtype_mix(1.0, S6) == {}
+    assert mix2 and set(mix2) == {28}
+    assert mix6 == {}
     assert traffic.table_keys()["mix"] == 3
 
 

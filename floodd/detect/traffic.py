@@ -372,7 +372,7 @@ class Traffic:
         self.sources: RateTable[bytes] = self.tables[status_spec(config)]
         if self._mix_spec != status_spec(config):
             self._mix_spec = spec = status_spec(config)
-            # Per source + qtype key, 1 in MIX_SAMPLE packets: see qtype_mix().
+            # Per source + qtype key, 1 in MIX_SAMPLE packets: see qtype_mixes().
             self.mix: RateTable[bytes] = RateTable(spec.window, spec.bucket, spec.capacity)
 
         old_histories = self.histories
@@ -543,12 +543,16 @@ class Traffic:
             keys = source_qtype_keys(every_nth(cols, start, MIX_SAMPLE))
             self.mix.add_keys(now, keys, weight * MIX_SAMPLE)
 
-    def qtype_mix(self, now: float, src: bytes) -> dict[int, int]:
-        """Source ``src``'s queries in the status window by query type (estimated from
-        a 1-in-MIX_SAMPLE sample), among the MIX_QTYPES types counted most overall."""
-        mix = {qt: self.mix.count(now, qtype_key(src, qt))
-               for qt, _ in self.queries.most_common(MIX_QTYPES)}
-        return {qt: n for qt, n in sorted(mix.items(), key=lambda kv: -kv[1]) if n}
+    def qtype_mixes(self, now: float, sources: Sequence[bytes]) -> list[dict[int, int]]:
+        """Each source's queries in the status window by query type, busiest first
+        (estimated from a 1-in-MIX_SAMPLE sample), among the MIX_QTYPES types counted
+        most overall (chosen once for all the sources)."""
+        qtypes = [(qt, qtype_suffix(qt)) for qt, _ in self.queries.most_common(MIX_QTYPES)]
+        mixes = []
+        for src in sources:
+            mix = {qt: self.mix.count(now, src + suffix) for qt, suffix in qtypes}
+            mixes.append({qt: n for qt, n in sorted(mix.items(), key=lambda kv: -kv[1]) if n})
+        return mixes
 
     def table_keys(self) -> dict[str, int]:
         """Keys tracked by the tables of each kind (source, prefix, source+qtype+hop...),

@@ -319,7 +319,7 @@ class Daemon:
             self._crossed.clear()
             self._guarded("ban", self._policy_tick, at, self.metrics.tick_duration)
             if self.fleet is not None:
-                self._guarded("fleet ban", self._fleet_tick, at, self.metrics.tick_duration)
+                self._guarded("fleet ban", self._fleet_tick, at)
             if mono >= next_rescan:
                 next_rescan += self.config.firewall.rescan_interval
                 if next_rescan <= mono:  # fell behind (a slow tick): no burst of rescans
@@ -347,14 +347,17 @@ class Daemon:
                 self.notifier.status("capture stopped: " + problem)
 
     def _guarded(self, what: str, step: Callable[[Instant], None], at: Instant,
-                 duration: Histogram) -> None:
+                 duration: Histogram | None = None) -> None:
+        """``step(at)``, a failure logged (it runs again next time); its time observed in
+        ``duration``, if given."""
         started = time.monotonic()
         try:
             step(at)
         except FlooddError as exc:
             self.log.error(f"{what} failed, will try again: {exc}", action="error")
         finally:
-            duration.observe(time.monotonic() - started)
+            if duration is not None:
+                duration.observe(time.monotonic() - started)
 
     def _startup(self) -> None:
         cfg = self.config
@@ -824,12 +827,12 @@ class Daemon:
         with self.lock:
             window = self.traffic.sources.window
             now = time.monotonic()
-            rows = [(src, c, self.traffic.qtype_mix(now, src))
-                    for src, c in self.traffic.sources.top(now, n)]
+            rows = self.traffic.sources.top(now, n)
+            mixes = self.traffic.qtype_mixes(now, [src for src, _ in rows])
         return [{"source": str(address_network(src).network_address), "packets": c,
                  "rate": c / window, "banned": src in self.banned_sources,
                  "qtypes": {qtype_label(qt): k for qt, k in mix.items()}}
-                for src, c, mix in rows]
+                for (src, c), mix in zip(rows, mixes)]
 
     def _handle_request(self, body: Any) -> dict[str, Any]:
         """Runs in the control thread: validates, answers read-only requests here and
