@@ -36,6 +36,7 @@ from floodd.config import Config, Network, load_config
 from floodd.decide.safety import LOOPBACK, own_networks
 from floodd.decide.upstream import (BannedSource, LinkCounters, Route, Upstream, announce,
                                     banned_sources, link_rate, ordered, withdraw)
+from floodd.enforce.state import write_json
 from floodd.errors import Failure, FlooddError
 from floodd.service.control import request
 
@@ -219,12 +220,8 @@ class Feeder:
                 snapshot["blackhole"])
         if mark == self._saved:
             return
-        temporary = self.state_path + ".new"
         try:
-            os.makedirs(os.path.dirname(self.state_path) or ".", mode=0o755, exist_ok=True)
-            with open(temporary, "w") as f:
-                json.dump({"saved_at": self.wall(), "upstream": snapshot}, f)
-            os.replace(temporary, self.state_path)
+            write_json(self.state_path, {"saved_at": self.wall(), "upstream": snapshot})
         except OSError as exc:
             self.log(f"cannot write {self.state_path}: {exc.strerror or exc}")
         self._saved = mark

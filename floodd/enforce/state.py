@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 import threading
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from floodd.config import Network
 from floodd.decide.policy import Offence, Offences, remembered
@@ -52,14 +52,21 @@ def save_offences(state_dir: str, offences: Mapping[Network, Offence], now: Inst
                   key=lambda item: -item[1].last)
     data = {"version": 1,
             "offences": {str(n): [o.count, now.to_wall(o.last)] for n, o in keep}}
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".offences.", dir=state_dir)
+    write_json(os.path.join(state_dir, FILE_NAME), data)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically: a temporary file beside it, fsync,
+    rename; its directory is made (mode 0700) when missing.  OSError when it cannot."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(state_dir, FILE_NAME))
+        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
