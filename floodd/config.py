@@ -165,6 +165,23 @@ class FirewallConfig:
 
 
 @dataclass(frozen=True)
+class FastDropConfig:
+    """The kernel's own first response (nftables only, floodd.enforce.firewall.fastdrop):
+    a source and hop value sending over ``factor`` times a per-source rule's rate is
+    dropped by a kernel meter at once, its UDP queries only, until ``hold`` seconds after
+    it stops running over; floodd's own ban follows."""
+
+    factor: float = 0.0  # 0: off; else at least 1 (the kernel never drops what no rule bans)
+    hold: float = 10.0
+    max_sources: int = 10_000  # (source, hop value) pairs dropped at once, at most
+    meter_size: int = 65_536  # pairs metered at once, per rule and IP version
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor > 0
+
+
+@dataclass(frozen=True)
 class TrustConfig:
     """How far floodd believes a packet's source address (UDP sources can be forged)."""
 
@@ -290,6 +307,7 @@ class Config:
     rules: tuple[Rule, ...] = ()
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    fast_drop: FastDropConfig = field(default_factory=FastDropConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -538,8 +556,8 @@ def _is_multiple(value: float, step: float) -> bool:
     return abs(ratio - round(ratio)) < 1e-9
 
 
-_TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "trust", "daemon",
-             "metrics", "upstream", "crowdsec"}
+_TOP_KEYS = {"capture", "rate_table", "whitelist", "rules", "firewall", "trust", "fast_drop",
+             "daemon", "metrics", "upstream", "crowdsec"}
 
 
 def build_config(data: object, source: str = BUILTIN) -> Config:
@@ -638,6 +656,24 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
                               f"packets must not get on a handful of packets; got "
                               f"{rule.threshold}")
 
+    fd = top.section("fast_drop")
+    fd.check_keys({f.name for f in fields(FastDropConfig)})
+    d_fd = FastDropConfig()
+    fast_drop = FastDropConfig(
+        factor=fd.number("factor", d_fd.factor, 0.0, 1000.0),
+        hold=fd.duration("hold", d_fd.hold, hi=3600.0),
+        max_sources=fd.int("max_sources", d_fd.max_sources, 1, 1_000_000),
+        meter_size=fd.int("meter_size", d_fd.meter_size, 1024, 16_777_216),
+    )
+    if 0 < fast_drop.factor < 1:
+        raise ConfigError(source, "fast_drop.factor",
+                          f"expected 0 (off) or at least 1: below its rule's rate the kernel "
+                          f"would drop floods no rule bans, got {fast_drop.factor:g}")
+    if fast_drop.hold < 1:
+        raise ConfigError(source, "fast_drop.hold",
+                          f"expected at least 1 s (the kernel's timeouts are whole seconds), "
+                          f"got {fast_drop.hold:g}")
+
     dm = top.section("daemon")
     dm.check_keys({f.name for f in fields(DaemonConfig)})
     d_dm = DaemonConfig()
@@ -665,7 +701,8 @@ def build_config(data: object, source: str = BUILTIN) -> Config:
                         "HOST:PORT with an IP address, such as 127.0.0.1:9466 or [::1]:9466")
     metrics = MetricsConfig(listen=listen)
     return Config(source=source, capture=capture, rate_table=rate_table, whitelist=whitelist,
-                  rules=rules, firewall=firewall, trust=trust, daemon=daemon, metrics=metrics,
+                  rules=rules, firewall=firewall, trust=trust, fast_drop=fast_drop,
+                  daemon=daemon, metrics=metrics,
                   upstream=_upstream(top.section("upstream")),
                   crowdsec=_crowdsec(top.section("crowdsec"), firewall))
 
@@ -929,6 +966,11 @@ def summary(config: Config) -> list[str]:
                      if t.hop_check else "no TTL/hop-limit check")
         + f"; bans on UDP evidence drop {'UDP only' if t.udp_evidence_bans == 'udp' else 'all'}"
         f"; whole-source rules need {t.min_whole_evidence}+ packets",
+        "fast drop: " + (f"the kernel drops at once the UDP queries of a source and TTL "
+                         f"sending over {c.fast_drop.factor:g} times a per-source rule's rate, "
+                         f"until {c.fast_drop.hold:g} s after; at most "
+                         f"{c.fast_drop.max_sources} at once (nftables only)"
+                         if c.fast_drop.enabled else "off"),
         f"firewall: backend {f.backend}{' (dry run)' if f.dry_run else ''}, scope {f.scope}, max {f.max_bans} bans, "
         f"rescan every {f.rescan_interval:g} s, stale after {f.stale_after:g} s, "
         f"escalation x{f.escalation_factor:g} up to {f.max_ban_time:g} s, on exit {f.on_exit}",

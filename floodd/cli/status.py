@@ -34,6 +34,11 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {reply['excluded']} bans kept out of the capture (their drops are in "
               "`floodd bans`)")
     print(f"bans: {reply['bans']} (max {reply['max_bans']})")
+    fast = reply.get("fast_drop")
+    if fast:
+        meters = ", ".join(f"{m['rule']} over {m['rate']:,.0f} q/s" for m in fast["meters"])
+        print(f"fast drop ({meters}): {fast['sources']} sources dropped by the kernel lately, "
+              f"{fast['packets']} queries in all")
     if reply.get("fleet"):
         print(fleet_line(reply["fleet"]))
     print("\n".join(source_table(reply["top"])))

@@ -45,8 +45,10 @@ from floodd.service.notify import Notifier
 from floodd.service.throttle import Throttle
 from floodd.decide.policy import Offences, Trigger, evaluate, plan
 from floodd.decide.safety import own_networks, protected_reason
+from floodd.enforce.firewall.fastdrop import meters
 from floodd.decide.fleet import (FLEET, FleetBook, PushBan, Withdraw, is_fleet_rule,
                                  own_claims, push_ban)
+from floodd.service.fastdrop import FastDrop
 from floodd.service.fleet import FleetLink
 from floodd.enforce.state import StateWriter, load_offences
 from floodd.service.requests import (BanRequest, ListBans, Request, Status, Top, UnbanRequest,
@@ -247,6 +249,7 @@ class Daemon:
         self.fleet_book = FleetBook()
         self._fleet_planned = 0.0  # (monotonic) when the kernel last followed the book
         self._fleet_claimed = False  # the first startup reply was searched for own decisions
+        self.fast = FastDrop(log)  # the kernel's own first response (fast_drop:)
 
     # --- signals: flags only --------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -374,6 +377,11 @@ class Daemon:
                                  self._state_failed)
         backend, self.backend_note = self._make_backend(cfg)
         self.bans.start(at, backend)  # adopts the bans in the kernel, changes none
+        try:
+            self.fast.start(cfg, backend.name, backend.name == "dry-run", self.own)
+        except FlooddError as exc:  # floodd's own bans still work: run without it
+            self.log.error(f"fast drop: cannot set up the kernel's meters, running "
+                           f"without them: {exc}", action="fast-drop")
         if cfg.crowdsec.enabled:
             self.fleet = FleetLink(cfg.crowdsec, self.log)
             self.fleet.start()
@@ -419,6 +427,7 @@ class Daemon:
         self.notifier.stopping()
         if self.fleet is not None:
             self.fleet.stop()
+        self.fast.stop()
         self._stop_captures()
         if self.control is not None:
             self.control.close()
@@ -646,6 +655,8 @@ class Daemon:
         except FlooddError as exc:
             self.log.warning(f"cannot read this host's addresses, keeping the last ones: {exc}")
         self.offences.forget_old(at.mono)
+        self.fast.follow(self.config, self.own)
+        self.fast.rescan()
         done = self.bans.rescan(at)
         if done is None:
             return  # the firewall did not answer: left alone for a while
@@ -714,6 +725,17 @@ class Daemon:
             self.state.state_dir = new.daemon.state_dir
             self.state.forget_after = new.firewall.max_ban_time
         self._update_exclusions(time.monotonic())
+        if self.bans.started and (self.fast.active or new.fast_drop.enabled):
+            try:  # the meters follow the rules, the ports and the whitelist
+                if (meters(new), new.fast_drop, new.capture.ports) != \
+                        (meters(old), old.fast_drop, old.capture.ports):
+                    self.fast.start(new, self.bans.backend.name,
+                                    self.bans.backend.name == "dry-run", self.own)
+                else:
+                    self.fast.follow(new, self.own)
+            except FlooddError as exc:
+                self.log.error(f"reload: the fast drop does not follow the new "
+                               f"configuration: {exc}", action="reload")
         if self.bans.started:
             try:  # the drop rules follow capture.ports and capture.protocols
                 self.bans.configure(new.firewall, new.capture.ports, new.capture.protocols)
@@ -817,7 +839,7 @@ class Daemon:
             interfaces=tuple(counts),
             sampling=self.sampling, queries=by_qtype, bans=bans,
             max_bans=self.config.firewall.max_bans, dropped_packets=self._dropped,
-            table_keys=keys)
+            table_keys=keys, fast_drop=self.fast.counts)
 
     def _count_changes(self, targets: Sequence[Target], reason: str) -> None:
         if targets:
@@ -847,7 +869,8 @@ class Daemon:
                     "received": stats.received, "kernel_drops": stats.dropped,
                     "bans": len(self.bans), "max_bans": self.config.firewall.max_bans,
                     "sampling": self.sampling, "excluded": self.excluded,
-                    "top": self._top(10), "fleet": self._fleet_status()}
+                    "top": self._top(10), "fleet": self._fleet_status(),
+                    "fast_drop": self.fast.status()}
         if isinstance(req, Top):
             return {"ok": True, "top": self._top(req.n)}
         pending = _Pending(req)

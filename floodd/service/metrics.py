@@ -30,6 +30,7 @@ from floodd import __version__
 from floodd.detect.traffic import MALFORMED_QTYPE, qtype_label
 from floodd.errors import Failure
 from floodd.scope import Scope
+from floodd.service.fastdrop import FastDropCounts
 
 # Seconds from a threshold crossing to the kernel dropping: milliseconds when floodd
 # reacts at once, up to a tick when it waits for one, more when the firewall is slow.
@@ -89,6 +90,7 @@ class Snapshot:
     max_bans: int = 0
     dropped_packets: int = 0  # dropped by the bans since start, from kernel counters
     table_keys: Mapping[str, int] = field(default_factory=dict)
+    fast_drop: FastDropCounts = FastDropCounts()
 
     @property
     def packets(self) -> int:
@@ -149,8 +151,16 @@ class _SnapshotCollector(Collector):
                                  labels=["table"])
         for table, n in sorted(snap.table_keys.items()):
             keys.add_metric([table], n)
+        fast_sources = GaugeMetricFamily("floodd_fast_drop_sources",
+                                         "sources (and TTL/hop limits) the kernel's fast "
+                                         "drop dropped lately, read at each rescan")
+        fast_sources.add_metric([], snap.fast_drop.sources)
+        fast_packets = CounterMetricFamily("floodd_fast_drop_dropped_packets",
+                                           "queries the kernel's fast drop dropped (its "
+                                           "counters, read at each rescan)")
+        fast_packets.add_metric([], snap.fast_drop.packets)
         return [up, info, packets, received, drops, sampling, qtypes, malformed, bans, cap,
-                dropped, keys]
+                dropped, keys, fast_sources, fast_packets]
 
 
 class _Quiet(WSGIRequestHandler):

@@ -794,7 +794,7 @@ class NftablesBackend(Buffered):
         return "\n".join(lines) + "\n"
 
     def setup(self) -> None:
-        _nft(["-f", "-"], self.setup_script())
+        nft(["-f", "-"], self.setup_script())
         if self._mirror is not None and not self._mirror.exists:
             self._mirror = None  # a new table: the next commit lists it
 
@@ -837,7 +837,7 @@ class NftablesBackend(Buffered):
         script = render_commit(plan, self.table, wall)
         if script:
             started = time.monotonic()
-            _nft(["-f", "-"], script)
+            nft(["-f", "-"], script)
             mirror.applied(plan, started, time.monotonic(), wall)
         return plan.committed()
 
@@ -846,7 +846,7 @@ class NftablesBackend(Buffered):
         mirror becomes what it shows)."""
         self._mirror = None
         started = time.monotonic()
-        proc = _nft(["-j", "list", "table", "inet", self.table], missing_ok=True)
+        proc = nft(["-j", "list", "table", "inet", self.table], missing_ok=True)
         finished = time.monotonic()
         wall = time.time()
         if proc is None:
@@ -870,10 +870,10 @@ class NftablesBackend(Buffered):
     def teardown(self) -> None:
         self._mirror = None
         # adding the table first makes the delete succeed when it does not exist
-        _nft(["-f", "-"], f"add table inet {self.table}\ndelete table inet {self.table}\n")
+        nft(["-f", "-"], f"add table inet {self.table}\ndelete table inet {self.table}\n")
 
 
-def _nft(args: list[str], script: str | None = None, missing_ok: bool = False) -> str | None:
+def nft(args: list[str], script: str | None = None, missing_ok: bool = False) -> str | None:
     """Run ``nft ARGS`` (``script`` on stdin); its stdout.
 
     With ``missing_ok``, a table that does not exist gives None instead of an error.

@@ -1,0 +1,162 @@
+"""The daemon's side of the kernel's fast drop (``fast_drop``, see
+floodd.enforce.firewall.fastdrop): sets the meters up, keeps the spared networks current,
+reads what the kernel dropped at each rescan, logs and counts it, removes the table on
+exit.  Main loop only.
+
+The kernel decides alone, so the record of what it did is what it reports: each pair
+(source, hop value) dropped in the last ``hold`` seconds with its counter.  floodd logs a
+pair when it first sees it and counts the counters' growth into the metrics; its own ban
+of the same source, when the rules make one, follows as for any flood.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from floodd.config import Config, Network
+from floodd.decide.safety import LOOPBACK
+from floodd.enforce.firewall.fastdrop import FastDropped, KernelFastDrop, Meter, meters
+from floodd.errors import FlooddError
+from floodd.service.journal import EventLog
+
+LOGGED = 10  # new pairs logged one by one per rescan; the rest in one line
+
+
+@dataclass(frozen=True)
+class FastDropCounts:
+    """What the snapshot shows of the fast drop."""
+
+    sources: int = 0  # pairs dropped in the last hold seconds
+    packets: int = 0  # packets dropped since floodd started (counters' growth)
+
+
+def spared_networks(config: Config, own: Sequence[Network]) -> tuple[Network, ...]:
+    """What the kernel's meters never drop: the whitelist, this host's addresses and
+    loopback, the networks floodd never bans."""
+    return tuple(dict.fromkeys([*config.whitelist, *own, *LOOPBACK]))
+
+
+def _describe(meter: Meter) -> str:
+    return f"{meter.rule} over {meter.per_second:,.0f} q/s"
+
+
+class FastDrop:
+    """The fast drop while floodd runs; inactive (every call a no-op) when it is off, on
+    a backend other than nftables, or in a dry run."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.kernel: KernelFastDrop | None = None
+        self.meters: list[Meter] = []
+        self._spared: tuple[Network, ...] = ()
+        self._seen: dict[tuple[Network, int], int] = {}  # pair -> its counter last read
+        self.counts = FastDropCounts()
+        self._failed = False
+
+    @property
+    def active(self) -> bool:
+        return self.kernel is not None
+
+    def start(self, config: Config, backend: str, dry_run: bool,
+              own: Sequence[Network]) -> None:
+        """Set the table up for ``config`` (replacing one left by an earlier floodd), or
+        say why not.  FlooddError if nft refuses it."""
+        settings = config.fast_drop
+        wanted = meters(config)
+        if not wanted:
+            if settings.enabled:
+                self.log.warning("fast_drop is on but no rule counts every query per "
+                                 "source without a guard: nothing for the kernel to meter",
+                                 action="fast-drop")
+            if backend == "nftables" and not dry_run:
+                # one left by a floodd that stopped without removing it drops no more
+                (self.kernel or KernelFastDrop(settings)).teardown()
+            self.kernel = None
+            return
+        what = ", ".join(_describe(m) for m in wanted)
+        if dry_run:
+            self.log.info(f"dry run: the kernel would drop at once a source and TTL over "
+                          f"({what})", action="dry-run")
+            return
+        if backend != "nftables":
+            self.log.warning(f"fast_drop needs the nftables backend (the firewall here is "
+                             f"{backend}): off", action="fast-drop")
+            return
+        kernel = KernelFastDrop(settings)
+        spared = spared_networks(config, own)
+        kernel.setup(wanted, config.capture.ports, spared)
+        self.kernel, self.meters, self._spared = kernel, wanted, spared
+        self._seen = {}
+        self.log.info(f"fast drop: the kernel drops at once the UDP queries of a source and "
+                      f"TTL sending {what} (x{settings.factor:g} the rule's rate), until "
+                      f"{settings.hold:g} s after; at most {settings.max_sources} at once",
+                      action="fast-drop")
+
+    def follow(self, config: Config, own: Sequence[Network]) -> None:
+        """Keep the spared networks those of ``config`` and ``own`` (addresses change)."""
+        spared = spared_networks(config, own)
+        if self.kernel is None or spared == self._spared:
+            return
+        try:
+            self.kernel.spare(spared)
+            self._spared = spared
+        except FlooddError as exc:
+            self.log.error(f"fast drop: cannot update the spared networks: {exc}",
+                           action="fast-drop")
+
+    def rescan(self) -> list[FastDropped]:
+        """Read the pairs the kernel dropped lately; log the new ones, count the packets."""
+        if self.kernel is None:
+            return []
+        try:
+            pairs = self.kernel.dropped()
+        except FlooddError as exc:
+            if not self._failed:
+                self.log.warning(f"fast drop: cannot read what the kernel dropped: {exc}",
+                                 action="fast-drop")
+            self._failed = True
+            return []
+        self._failed = False
+        grown = 0
+        new = []
+        seen = {}
+        for pair in pairs:
+            key = (pair.network, pair.hop)
+            last = self._seen.get(key)
+            if last is None:
+                new.append(pair)
+            grown += max(0, pair.packets - (last or 0))
+            seen[key] = pair.packets
+        self._seen = seen
+        self.counts = FastDropCounts(len(pairs), self.counts.packets + grown)
+        what = " or ".join(_describe(m) for m in self.meters)
+        new.sort(key=lambda p: -p.packets)
+        for pair in new[:LOGGED]:
+            self.log.info(f"fast drop: the kernel dropped {pair.packets} UDP queries from "
+                          f"{pair.network.network_address} (TTL/hop limit {pair.hop}): "
+                          f"{what}", action="fast-drop", source=pair.network,
+                          packets=pair.packets)
+        if len(new) > LOGGED:
+            self.log.info(f"fast drop: and {len(new) - LOGGED} more sources "
+                          f"({sum(p.packets for p in new[LOGGED:])} queries)",
+                          action="fast-drop", packets=len(new) - LOGGED)
+        return pairs
+
+    def status(self) -> dict[str, Any] | None:
+        """For the status reply: the meters and what the last rescan read."""
+        if self.kernel is None:
+            return None
+        return {"meters": [{"rule": m.rule, "rate": m.per_second, "burst": m.burst}
+                           for m in self.meters],
+                "sources": self.counts.sources, "packets": self.counts.packets}
+
+    def stop(self) -> None:
+        """Remove the table: the meters drop nothing once floodd is gone."""
+        kernel, self.kernel = self.kernel, None
+        if kernel is None:
+            return
+        try:
+            kernel.teardown()
+        except FlooddError as exc:
+            self.log.error(f"fast drop: cannot remove its table: {exc}", action="fast-drop")
