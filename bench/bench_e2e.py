@@ -20,23 +20,27 @@ Defenders (columns):
 
   baseline  nothing in front of BIND;
   floodd    ``floodd run`` on the server veth (nftables, the rule above, rescans every
-            2 s), as the lab starts it (lab.load.FlooddProcess);
+            2 s, the kernel's fast drop at ``--fast-drop`` times the rule's rate), as the
+            lab starts it (lab.load.FlooddProcess);
+  floodd-nofast  the same without the fast drop (not with ``--fast-drop 0``);
   dnsdist   dnsdist (lab.dnsdist) in front of the same BIND with a dynamic-block rule of
             the same threshold (``setQueryRate(threshold / 10, 10)``, a 1,000,000-entry
             ring); all the clients aim at it.  Skipped, with a message, without dnsdist.
 
 How it is measured.  An nftables table of the bench in the server namespace counts, per
 flooder, the queries arriving on the server veth (prerouting, before any filter: a(t))
-and the DNS replies leaving the server to it (output: the answers).  It is listed with
-floodd's table every 50 ms (one ``nft -j list ruleset``):
+and the DNS replies leaving the server to it (output: the answers).  It is listed every
+50 ms (one ``nft -j list table``, of its own table only):
 
   * times are from the flood's first query at the server (the first a(t) > 0), which
     follows a lead-in of 1-2 s (random: the flood meets the defenders' periodic steps at a
     random phase);
   * crossed: when a(t) passes the threshold (interpolated between two listings);
-  * drop start: a ban's own counter d(t) counts the queries the kernel dropped, so the
+  * drop start: the queries the kernel dropped, d(t), are those that arrived and did not
+    reach the input hook after floodd's chains (a counter there per flooder, at priority
+    filter + 10: floodd's bans and its fast drop alike), so the
     drop began with arrival number P = a - d (exact, whatever the listing's lag), at the
-    time a(t) reached P; bounded by the first listing that showed the ban.  For dnsdist
+    time a(t) reached P; bounded by the first listing that showed a drop.  For dnsdist
     the same with its per-block count of dropped queries (its web server, polled every
     50 ms), bounded the same way (queries the kernel dropped before dnsdist read them
     count as let through: an upper bound);
@@ -65,6 +69,7 @@ tcpreplay, stdbuf (dnsdist for the peer column).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
 import os
@@ -96,6 +101,8 @@ PEER_POLL = 0.05  # seconds between dnsdist block listings
 STAGGER = 1 / 3  # s between the 6k flooders' starts: three phases of a 1 s period
 AFTER = 4.0  # the "after the bans" window starts this long into the flood at the earliest
 SETTLE = 2.0  # seconds between runs: BIND drains its queue
+FAST_DROP = 2.0  # fast_drop.factor as etc/floodd.yaml ships it
+NO_FAST = "floodd-nofast"  # the floodd column with fast_drop off
 TABLE = "floodd_bench"  # the bench's counters in the server namespace
 TOOLS = ("ip", "named", "nft", "dnsperf", "tcpreplay", "stdbuf")
 # Targets of the issue (floodd column only).
@@ -181,18 +188,22 @@ class Meter:
         self.sources = tuple(sources)
         self.limit = limit
         self.listings: list[Listing] = []
-        self.first_ban: dict[str, float] = {}  # source -> first listing showing its ban
+        self.first_ban: dict[str, float] = {}  # source -> first listing showing a drop
         self.error: str | None = None
         arrive = "".join(f'  ip saddr {s} udp dport 53 counter comment "q {s}"\n'
                          for s in self.sources)
         leave = "".join(f'  ip daddr {s} udp sport 53 counter comment "r {s}"\n'
                         for s in self.sources)
+        passed = "".join(f'  ip saddr {s} udp dport 53 counter comment "p {s}"\n'
+                         for s in self.sources)
         self.script = (
             f"table inet {TABLE} {{\n chain arrive {{\n"
             "  type filter hook prerouting priority raw - 10; policy accept;\n"
             f'  iifname "{lab.server_if}" udp dport 53 counter comment "all"\n{arrive}'
             " }\n chain leave {\n"
             f"  type filter hook output priority raw - 10; policy accept;\n{leave}"
+            " }\n chain passed {\n"
+            f"  type filter hook input priority filter + 10; policy accept;\n{passed}"
             " }\n}\n")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meter", daemon=True)
@@ -211,12 +222,14 @@ class Meter:
                      check=False)
 
     def read(self) -> Listing:
-        proc = self.lab.run(self.lab.server_ns, ["nft", "-j", "list", "ruleset"], text=True,
-                            timeout=10)
+        # The bench's own table only: floodd's fast-drop meters can hold 65,536 elements.
+        proc = self.lab.run(self.lab.server_ns, ["nft", "-j", "list", "table", "inet", TABLE],
+                            text=True, timeout=10)
         at = time.time()
         objects = json.loads(proc.stdout).get("nftables", [])
         arrived: dict[str, int] = {}
         answered: dict[str, int] = {}
+        passed: dict[str, int] = {}
         total = 0
         for obj in objects:
             rule = obj.get("rule")
@@ -231,9 +244,12 @@ class Meter:
                 arrived[source] = packets
             elif kind == "r":
                 answered[source] = packets
-        floodd = [o for o in objects if o.get("set", {}).get("table") == load.FLOODD_TABLE]
-        bans = load.parse_nft_bans({"nftables": floodd})
-        return Listing(at, arrived, answered, {s: b.packets for s, b in bans.items()}, total)
+            elif kind == "p":
+                passed[source] = packets
+        # The arrivals are listed first: a query counted at both hooks meanwhile makes the
+        # difference smaller, never larger.
+        dropped = {s: n - passed[s] for s, n in arrived.items() if n - passed.get(s, n) > 0}
+        return Listing(at, arrived, answered, dropped, total)
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.limit
@@ -355,6 +371,7 @@ class Setup:
     hidden_rate: float
     legit_rate: float
     threshold: int
+    fast_drop: float  # fast_drop.factor of the floodd column (0: off)
 
 
 def rule(threshold: int) -> dict[str, Any]:
@@ -400,11 +417,13 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
     limit = setup.seconds + 60
     status: load.Poller | None = None
     blocks: load.Poller | None = None
-    if defender == "floodd":
+    if defender in ("floodd", NO_FAST):
         config = load.lab_config(rundir, [rule(setup.threshold)],
                                  rate_table={"window": WINDOW},
                                  firewall={"rescan_interval": 2},
-                                 capture={"exclude_banned": 64})
+                                 capture={"exclude_banned": 64},
+                                 fast_drop={"factor": 0 if defender == NO_FAST
+                                            else setup.fast_drop})
         fl = load.FlooddProcess(lab, config, rundir / "floodd.service.journal").start()
         pids["defender"] = fl.pid
         proc = fl
@@ -456,6 +475,10 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
                 completed = {}
             time.sleep(3 * POLL)  # a last listing after the flood
             legit_report = legit.wait()
+            if fl is not None:
+                banned = {str(ipaddress.ip_network(b["source"]).network_address)
+                          for b in fl.request("bans")["bans"]}
+                run.other_bans = len(banned - set(watched))
             sampler.stop()
             for poller in (status, blocks):
                 if poller is not None:
@@ -498,7 +521,8 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
             for source, count in found.items():
                 seen.setdefault(source, at)
                 dropped[source] = max(dropped.get(source, 0), count)
-    run.other_bans = len(set(seen) - set(watched))
+    if blocks is not None:
+        run.other_bans = len(set(seen) - set(watched))
     for source in watched:
         curve = meter.curve(source)
         arrived = last.arrived.get(source, 0)
@@ -706,6 +730,9 @@ def main() -> int:
                         help="queries in 10 s from one source before the ban (100-1000000)")
     parser.add_argument("--legit-rate", type=float, default=150.0, help="1-1000 q/s")
     parser.add_argument("--no-peer", action="store_true", help="skip the dnsdist column")
+    parser.add_argument("--fast-drop", type=float, default=FAST_DROP, metavar="FACTOR",
+                        help="floodd's fast_drop.factor (0: off; default %(default)g, as "
+                             "shipped); unless 0, a column of floodd without it is added")
     args = parser.parse_args()
     if os.geteuid() != 0 or any(shutil.which(t) is None for t in TOOLS):
         print(f"bench_e2e: needs root and {', '.join(TOOLS)}", file=sys.stderr)
@@ -719,7 +746,10 @@ def main() -> int:
             print(f"bench_e2e: {name}: {low:g} to {high:g}", file=sys.stderr)
             return 2
     scenarios = [s for s in SCENARIOS if s in (args.scenario or SCENARIOS)]
-    defenders = ["baseline", "floodd"]
+    if not (args.fast_drop == 0 or 1 <= args.fast_drop <= 1000):
+        print("bench_e2e: --fast-drop: 0, or 1 to 1000", file=sys.stderr)
+        return 2
+    defenders = ["baseline", "floodd"] + ([NO_FAST] if args.fast_drop else [])
     if args.no_peer:
         print("bench_e2e: the dnsdist column is skipped (--no-peer)")
     elif not dnsdist.available():
@@ -727,7 +757,8 @@ def main() -> int:
               "(Debian: apt-get install dnsdist)")
     else:
         defenders.append("dnsdist")
-    setup = Setup(args.seconds, args.rate, args.hidden_rate, args.legit_rate, args.threshold)
+    setup = Setup(args.seconds, args.rate, args.hidden_rate, args.legit_rate, args.threshold,
+                  args.fast_drop)
     print(f"end to end: scenarios {', '.join(scenarios)}; {', '.join(defenders)}; "
           f"{args.seconds:g} s floods, a legitimate client at {args.legit_rate:g} q/s, "
           f"BIND with one worker; {os.cpu_count()} CPUs")

@@ -171,7 +171,7 @@ class FastDropConfig:
     dropped by a kernel meter at once, its UDP queries only, until ``hold`` seconds after
     it stops running over; floodd's own ban follows."""
 
-    factor: float = 0.0  # 0: off; else at least 1 (the kernel never drops what no rule bans)
+    factor: float = 2.0  # 0: off; else at least 1 (the kernel never drops what no rule bans)
     hold: float = 10.0
     max_sources: int = 10_000  # (source, hop value) pairs dropped at once, at most
     meter_size: int = 65_536  # pairs metered at once, per rule and IP version

@@ -772,7 +772,8 @@ def lab_config(workdir: Path, rules: Sequence[dict[str, Any]], *,
                rate_table: dict[str, Any] | None = None,
                firewall: dict[str, Any] | None = None,
                daemon: dict[str, Any] | None = None,
-               capture: dict[str, Any] | None = None) -> Path:
+               capture: dict[str, Any] | None = None,
+               fast_drop: dict[str, Any] | None = None) -> Path:
     """Write a floodd configuration for the lab: control socket and state in ``workdir``,
     the nftables backend, the given rules and sections (merged over those defaults)."""
     config: dict[str, Any] = {
@@ -783,6 +784,7 @@ def lab_config(workdir: Path, rules: Sequence[dict[str, Any]], *,
         "firewall": {"backend": "nftables", **(firewall or {})},
         "daemon": {"control_socket": str(workdir / "control.sock"),
                    "state_dir": str(workdir / "state"), **(daemon or {})},
+        "fast_drop": {**(fast_drop or {})},
     }
     path = workdir / "floodd.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

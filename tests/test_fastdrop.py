@@ -107,10 +107,11 @@ def test_the_kernel_drops_a_flood_far_over_the_rate_and_spares_the_rest(
     assert nft_table(dns_lab) is not None  # its bans' table stays (on_exit: keep)
 
 
-def test_off_by_default_and_a_leftover_table_is_removed(dns_lab: Any, floodd: Start,
-                                                        tmp_path: Path) -> None:
+def test_off_and_a_leftover_table_is_removed(dns_lab: Any, floodd: Start,
+                                             tmp_path: Path) -> None:
     dns_lab.run(dns_lab.server_ns, ["nft", "add", "table", "inet", "floodd_fast"])
-    cfg = write_config(tmp_path / "floodd.yaml", daemon_config(tmp_path))
+    cfg = write_config(tmp_path / "floodd.yaml",
+                       daemon_config(tmp_path, fast_drop={"factor": 0}))
     daemon = floodd(cfg)
     daemon.wait_ready()
     assert daemon.request("status")["fast_drop"] is None

@@ -31,7 +31,9 @@ def test_meters_of_the_shipped_rules() -> None:
     assert (m.rule, m.rate, m.unit, m.burst) == ("query-flood", 5000, "second", 5000)
     assert m.per_second == 5000
     assert m.timeout == 2  # the bucket refills in a second
-    assert meters(build_config({})) == []  # off by default
+    assert meters(build_config({"fast_drop": {"factor": 0}})) == []  # off
+    (default,) = meters(build_config({}))  # twice the rule's rate, as shipped
+    assert (default.rate, default.unit) == (1000, "second")
 
 
 def test_a_slow_rate_is_given_in_a_longer_unit_rounded_up() -> None:

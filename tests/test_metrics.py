@@ -16,6 +16,7 @@ from floodd.decide.safety import protected_reason
 from floodd.detect.traffic import MALFORMED_QTYPE
 from floodd.errors import Failure
 from floodd.scope import UDP_ONLY, WHOLE, Scope
+from floodd.service.fastdrop import FastDropCounts
 from floodd.service.metrics import (InterfaceCounts, Metrics, Snapshot, qtype_metric_label,
                                     refusal_label, scope_label)
 
@@ -91,7 +92,8 @@ def test_endpoint_serves_the_snapshot_and_the_events_in_the_text_format() -> Non
         interfaces=(InterfaceCounts("eth0", 1200, 1300, 7),), sampling=4,
         queries={"A": 1000, "ANY": 150, "malformed": 50},
         bans={("query-flood", "udp"): 2, ("any-queries", "udp+qtype"): 1}, max_bans=10,
-        dropped_packets=4321, table_keys={"source": 12})
+        dropped_packets=4321, table_keys={"source": 12},
+        fast_drop=FastDropCounts(sources=3, packets=98765))
     metrics.bans_added.labels("query-flood").inc(2)
     metrics.unbans.labels("expired").inc()
     metrics.refused.labels("whitelist").inc()
@@ -126,6 +128,8 @@ def test_endpoint_serves_the_snapshot_and_the_events_in_the_text_format() -> Non
         ("floodd_ban_latency_seconds_bucket", (("le", "0.005"),)): 1,
         ("floodd_ban_latency_seconds_bucket", (("le", "0.0025"),)): 0,
         ("floodd_rate_table_keys", (("table", "source"),)): 12,
+        ("floodd_fast_drop_sources", ()): 3,
+        ("floodd_fast_drop_dropped_packets_total", ()): 98765,
     }
     for key, value in expected.items():
         assert got.get(key) == value, (key, got.get(key))
