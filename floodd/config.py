@@ -166,10 +166,10 @@ class FirewallConfig:
 
 @dataclass(frozen=True)
 class FastDropConfig:
-    """The kernel's own first response (nftables only, floodd.enforce.firewall.fastdrop):
-    a source and hop value sending over ``factor`` times a per-source rule's rate is
-    dropped by a kernel meter at once, its UDP queries only, until ``hold`` seconds after
-    it stops running over; floodd's own ban follows."""
+    """The kernel's own first response (floodd.enforce.firewall.fastdrop: an nftables
+    table, beside either backend): a source and hop value sending over ``factor`` times a
+    per-source rule's rate is dropped by a kernel meter at once, its UDP queries only,
+    until ``hold`` seconds after it stops running over; floodd's own ban follows."""
 
     factor: float = 2.0  # 0: off; else at least 1 (the kernel never drops what no rule bans)
     hold: float = 10.0
@@ -969,7 +969,7 @@ def summary(config: Config) -> list[str]:
         "fast drop: " + (f"the kernel drops at once the UDP queries of a source and TTL "
                          f"sending over {c.fast_drop.factor:g} times a per-source rule's rate, "
                          f"until {c.fast_drop.hold:g} s after; at most "
-                         f"{c.fast_drop.max_sources} at once (nftables only)"
+                         f"{c.fast_drop.max_sources} at once (an nftables table)"
                          if c.fast_drop.enabled else "off"),
         f"firewall: backend {f.backend}{' (dry run)' if f.dry_run else ''}, scope {f.scope}, max {f.max_bans} bans, "
         f"rescan every {f.rescan_interval:g} s, stale after {f.stale_after:g} s, "

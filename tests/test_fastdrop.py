@@ -102,6 +102,12 @@ def test_the_kernel_drops_a_flood_far_over_the_rate_and_spares_the_rest(
     wait_until(lambda: FLOODER in _fast_table(dns_lab).split("set meter4_0")[0], 10,
                what="the reloaded whitelist in spare4")
 
+    # A table removed by someone else is set up again at the next rescan.
+    dns_lab.run(dns_lab.server_ns, ["nft", "delete", "table", "inet", "floodd_fast"])
+    daemon.wait_log(r"repair: the fast drop's table could not be read \(nft -j list failed: "
+                    r".*\); set up again")
+    assert "set meter4_0" in _fast_table(dns_lab)
+
     assert daemon.stop() == 0
     assert _fast_table(dns_lab) == ""  # the meters go with floodd
     assert nft_table(dns_lab) is not None  # its bans' table stays (on_exit: keep)

@@ -378,7 +378,7 @@ class Daemon:
         backend, self.backend_note = self._make_backend(cfg)
         self.bans.start(at, backend)  # adopts the bans in the kernel, changes none
         try:
-            self.fast.start(cfg, backend.name, backend.name == "dry-run", self.own)
+            self.fast.start(cfg, backend.name == "dry-run", self.own)
         except FlooddError as exc:  # floodd's own bans still work: run without it
             self.log.error(f"fast drop: cannot set up the kernel's meters, running "
                            f"without them: {exc}", action="fast-drop")
@@ -729,8 +729,7 @@ class Daemon:
             try:  # the meters follow the rules, the ports and the whitelist
                 if (meters(new), new.fast_drop, new.capture.ports) != \
                         (meters(old), old.fast_drop, old.capture.ports):
-                    self.fast.start(new, self.bans.backend.name,
-                                    self.bans.backend.name == "dry-run", self.own)
+                    self.fast.start(new, self.bans.backend.name == "dry-run", self.own)
                 else:
                     self.fast.follow(new, self.own)
             except FlooddError as exc:

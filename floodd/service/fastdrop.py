@@ -11,6 +11,7 @@ of the same source, when the rules make one, follows as for any flood.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -50,6 +51,7 @@ class FastDrop:
         self.kernel: KernelFastDrop | None = None
         self.meters: list[Meter] = []
         self._spared: tuple[Network, ...] = ()
+        self._ports: tuple[int, ...] = ()
         self._seen: dict[tuple[Network, int], int] = {}  # pair -> its counter last read
         self.counts = FastDropCounts()
         self._failed = False
@@ -58,40 +60,48 @@ class FastDrop:
     def active(self) -> bool:
         return self.kernel is not None
 
-    def start(self, config: Config, backend: str, dry_run: bool,
-              own: Sequence[Network]) -> None:
+    def start(self, config: Config, dry_run: bool, own: Sequence[Network]) -> None:
         """Set the table up for ``config`` (replacing one left by an earlier floodd), or
-        say why not.  FlooddError if nft refuses it."""
+        say why not.  Whatever the bans' backend: the meters are nftables' alone, beside
+        iptables too.  FlooddError if nft refuses it."""
         settings = config.fast_drop
         wanted = meters(config)
+        have_nft = shutil.which("nft") is not None
         if not wanted:
             if settings.enabled:
                 self.log.warning("fast_drop is on but no rule counts every query per "
                                  "source without a guard: nothing for the kernel to meter",
                                  action="fast-drop")
-            if backend == "nftables" and not dry_run:
+            if have_nft and not dry_run:
                 # one left by a floodd that stopped without removing it drops no more
                 (self.kernel or KernelFastDrop(settings)).teardown()
             self.kernel = None
             return
         what = ", ".join(_describe(m) for m in wanted)
         if dry_run:
-            self.log.info(f"dry run: the kernel would drop at once a source and TTL over "
-                          f"({what})", action="dry-run")
+            self.log.info(f"dry run: the kernel would drop at once a source and TTL sending "
+                          f"{what}", action="dry-run")
             return
-        if backend != "nftables":
-            self.log.warning(f"fast_drop needs the nftables backend (the firewall here is "
-                             f"{backend}): off", action="fast-drop")
+        if not have_nft:
+            self.log.notice("fast_drop needs nft (install nftables): off", action="fast-drop")
             return
-        kernel = KernelFastDrop(settings)
-        spared = spared_networks(config, own)
-        kernel.setup(wanted, config.capture.ports, spared)
-        self.kernel, self.meters, self._spared = kernel, wanted, spared
+        self.kernel, self.meters = KernelFastDrop(settings), wanted
+        self._ports = config.capture.ports
+        self._spared = spared_networks(config, own)
         self._seen = {}
+        try:
+            self._setup()
+        except BaseException:
+            self.kernel = None
+            raise
         self.log.info(f"fast drop: the kernel drops at once the UDP queries of a source and "
                       f"TTL sending {what} (x{settings.factor:g} the rule's rate), until "
                       f"{settings.hold:g} s after; at most {settings.max_sources} at once",
                       action="fast-drop")
+
+    def _setup(self) -> None:
+        assert self.kernel is not None
+        self.kernel.setup(self.meters, self._ports, self._spared)
 
     def follow(self, config: Config, own: Sequence[Network]) -> None:
         """Keep the spared networks those of ``config`` and ``own`` (addresses change)."""
@@ -112,10 +122,7 @@ class FastDrop:
         try:
             pairs = self.kernel.dropped()
         except FlooddError as exc:
-            if not self._failed:
-                self.log.warning(f"fast drop: cannot read what the kernel dropped: {exc}",
-                                 action="fast-drop")
-            self._failed = True
+            self._repair(exc)
             return []
         self._failed = False
         grown = 0
@@ -142,6 +149,24 @@ class FastDrop:
                           f"({sum(p.packets for p in new[LOGGED:])} queries)",
                           action="fast-drop", packets=len(new) - LOGGED)
         return pairs
+
+    def _repair(self, problem: FlooddError) -> None:
+        """The table could not be read: set it up again (someone removed it), once per
+        failure; if that fails too, say so once until it works again."""
+        try:
+            self._setup()
+        except FlooddError as exc:
+            if not self._failed:
+                self.log.warning(f"fast drop: cannot read what the kernel dropped "
+                                 f"({problem}) nor set its table up again ({exc}); "
+                                 "trying again at each rescan",
+                                 action="fast-drop")
+            self._failed = True
+            return
+        self._failed = False
+        self._seen = {}
+        self.log.warning(f"repair: the fast drop's table could not be read ({problem}); "
+                         "set up again", action="repair")
 
     def status(self) -> dict[str, Any] | None:
         """For the status reply: the meters and what the last rescan read."""
