@@ -936,21 +936,24 @@ def test_records_are_columns_in_frame_order_and_equal_to_their_tuples() -> None:
     assert records.qtype == [1, 28, -1, -1, 255] and records.flags == [0, 0, F_MALFORMED, 0, 0]
     assert records.proto == [17, 17, 17, 6, 17] and records.times == [10.0 + i for i in range(5)]
     assert records[1:3] == expected[1:3] and records[-1] == expected[-1]
-    assert records.last_time() == 14.0
+    assert (records.first_time(), records.last_time()) == (10.0, 14.0)
 
 
-def test_the_last_time_is_read_without_the_others() -> None:
-    # Whichever path the last record took, and with frames that make no record last.
+def test_the_first_and_last_times_are_read_without_the_others() -> None:
+    # Whichever path the first and last records took, and with frames that make none.
     fast = synth.link_frame(udp4(query()))
     general = synth.link_frame(synth.udp_datagram(CLIENT6, SERVER6, query(), 40000))
     ignored = synth.link_frame(udp4(query(), dport=5353))
-    for tail in ([], [general], [ignored], [general, ignored], [fast, ignored, ignored]):
-        frames = [fast, general, fast] + tail
-        stamps = [20.0 + i * 0.25 for i in range(len(frames))]
-        records = Parser(ETH).parse_frames(zip(stamps, frames)).records
-        assert isinstance(records, Records)
-        last = records.last_time()
-        assert last == records.times[-1] == list(records)[-1][0]
+    ends = ([], [general], [ignored], [general, ignored], [fast, ignored, ignored])
+    for head in ends:
+        for tail in ends:
+            frames = head[::-1] + [fast, general, fast] + tail
+            stamps = [20.0 + i * 0.25 for i in range(len(frames))]
+            records = Parser(ETH).parse_frames(zip(stamps, frames)).records
+            assert isinstance(records, Records)
+            first, last = records.first_time(), records.last_time()
+            assert first == records.times[0] == list(records)[0][0]
+            assert last == records.times[-1] == list(records)[-1][0]
 
 
 def test_plain_udp_records_have_no_flag_or_protocol_columns() -> None:

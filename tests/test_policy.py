@@ -51,6 +51,27 @@ def test_per_source_qtype_and_prefix_rules() -> None:
     assert got == {("any", "203.0.113.5/32")}
 
 
+def test_reported_keys_trigger_again_only_when_they_count_more() -> None:
+    config = build_config(RULES)
+    t = Traffic(config)
+    feed(t, 100.0, "198.51.100.7", 101)
+    feed(t, 100.0, "203.0.113.5", 5, 255)
+    first = evaluate(100.5, t, config.rules, config.trust)
+    # The table keys: the packed source (its qtype suffix taken off) or prefix.
+    assert {(x.rule, x.key) for x in first} == {
+        ("flood", addr("198.51.100.7")), ("watch", addr("198.51.100.7")),
+        ("any", addr("203.0.113.5"))}
+    reported = {(x.rule, x.key): x.count for x in first}
+    assert evaluate(100.5, t, config.rules, config.trust, reported=reported) == []
+    feed(t, 100.7, "198.51.100.7", 1)
+    again = evaluate(100.8, t, config.rules, config.trust, reported=reported)
+    assert {(x.rule, str(x.network), x.count) for x in again} == {
+        ("flood", "198.51.100.7/32", 102), ("watch", "198.51.100.7/32", 102)}
+    # A key not reported yet triggers as without ``reported``.
+    assert {x.rule for x in evaluate(100.8, t, config.rules, config.trust,
+                                     reported={})} == {"flood", "watch", "any"}
+
+
 def test_rotating_guard_arms_only_above_the_total() -> None:
     config = build_config(RULES)
     t = Traffic(config)

@@ -177,6 +177,12 @@ def test_over_and_top_rank_most_first() -> None:
     # At 4.5 bucket 1 is the oldest, half inside the window.
     assert table.over(4.5, 0) == [("c", 7 + 0), ("a", 2), ("b", 1), ("d", 1)]
     assert table.top(4.5, 1) == [("c", 7)]
+    # Before any bucket closed (the counts are the running totals): ties keep the
+    # order the keys came in, as later.
+    fresh = make()
+    fresh.add_counts(1.0, {"a": 2, "b": 5, "c": 2})
+    assert fresh.top(1.5, 3) == [("b", 5), ("a", 2), ("c", 2)]
+    assert fresh.top(1.5, 2) == [("b", 5), ("a", 2)]
 
 
 def test_total_counts_pruned_and_forgotten_keys() -> None:

@@ -15,16 +15,20 @@ like.  Times are those of the buckets the packets came in (see :class:`SourceHop
 "before the window" is exact to within one bucket.
 
 Cost (bench/bench_analyze.py, 1,000,000 packets from 50,000 sources, the whole process,
-on a loaded 2-core box): 5.5-6.1 s of CPU, 2.3-2.4 times dpkt's full decode of the same
-file (14 s); 5.5 against 5.8 s for the previous version, alternated on the same day.
-A flood of 20 sources (``--sources 20``): 1.38 s, 11.4 times dpkt (the previous version
-2.22 s, 6.6 times, in the same run).
+on a 2-core box): 3.8-4.1 s of CPU, 3.3-3.5 times dpkt's full decode of the same file
+(13.3-13.9 s), against 4.6-4.9 s (2.7-2.9 times) for the previous version, alternated
+in the same run.  A flood of 20 sources (``--sources 20``): 1.05 s, 11.9-12.4 times
+dpkt (the previous version 1.38-1.40 s, 9.1-9.4 times, in the same run).
 Beyond the daemon's counting (without its threshold-crossing checks: every rule is
 evaluated at every bucket), every packet feeds the per-source hop tally, the lifetime
-prefix and query-type tables and the first/last times of its (source, hop value) pair;
-a batch that repeats its sources feeds those once per distinct key (see
-floodd.detect.traffic).  The rest is the rules' evaluation at every bucket (a trigger
-per key over a threshold each time) and the parse.
+prefix and query-type tables and the last time of its (source, hop value) pair (the
+query totals and the malformed count are the counting stage's own).  A batch that
+repeats its sources feeds those once per distinct key: without flags, it is counted
+once per record by (source, hop value, query type), everything else per distinct
+triple.  The rules are evaluated at every bucket, but only a key counting more than it
+did when last reported builds a trigger (and reads its evidence): a replay keeps each
+trigger's highest count.  Then the parse, about a sixth of the time at 50,000 sources
+and half of it for 20 (the counting stage is a third at 50,000 sources).
 
 ``--plot OUT`` draws the capture (floodd.cli.plot) after the report: a second pass over
 the file counts the busiest sources and the query types per step; without --plot,
@@ -39,9 +43,9 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import compress, filterfalse, repeat
-from operator import add, and_, floordiv, ne, not_, sub
-from typing import Any, Iterable, Iterator, Sequence, TextIO, TypeVar
+from itertools import compress, islice, repeat
+from operator import add, and_, floordiv, itemgetter, ne, not_, sub
+from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO, TypeVar
 
 from floodd.cli.common import add_config_option, config_from_args
 from floodd.cli.plot import (MAX_LINES, Timeline, drawn_sources, picture, plot_format,
@@ -53,12 +57,14 @@ from floodd.detect.parse import F_EXTRA, F_MALFORMED, Batch, Record, Records
 from floodd.decide.policy import Trigger, evaluate
 from floodd.detect.ratetable import RateTable
 from floodd.detect.traffic import (MALFORMED_QTYPE, Traffic, address_network, packet_sources,
-                                   prefix_counts, prefix_keys, prefix_network, qtype_label,
-                                   repeating, rule_qtype, source_qtype_keys, split_qtype_key)
+                                   prefix_counts, prefix_keys, prefix_network, qtype_key_source,
+                                   qtype_label, qtype_suffix, repeating, rule_qtype,
+                                   source_qtype_keys, split_qtype_key)
 
 HOP_VALUES = range(256)  # IPv4 TTL / IPv6 hop limit
 # A hop key is the packed source address followed by one byte, the hop value.
 _HOP_SUFFIX = [bytes((hop,)) for hop in HOP_VALUES]
+_pair_source = itemgetter(slice(None, -1))  # the source of a hop key
 _SHOWN_HOPS = 5  # hop values the text report lists per source, the most common first
 
 # One bucket wider than any capture: a RateTable that never slides is a bounded counter.
@@ -82,8 +88,10 @@ class SourceHops:
     kept for at most twice as many pairs as the table tracks; beyond, those of the
     pairs it no longer tracks go.  A pair first seen in a bucket is stamped with the
     bucket's first packet, last seen with its last packet.  Every per-record step runs
-    in C (map, compress, filterfalse, Counter and dict methods); Python steps once per
-    pair when it is first seen, to index it under its source.
+    in C (map, compress, Counter and dict methods; the pairs new in a bucket are read
+    off the end of ``last``, not looked up per record); Python steps once per pair when
+    it is first seen, to index it under its source.  A bucket counted beforehand
+    (:meth:`add_pairs`) costs a step per distinct pair.
     """
 
     def __init__(self, capacity: int, qtypes: Iterable[int]) -> None:
@@ -91,49 +99,59 @@ class SourceHops:
         self.first: dict[bytes, float] = {}
         self.last: dict[bytes, float] = {}
         self.last_of: dict[int, dict[bytes, float]] = {qt: {} for qt in qtypes}
-        # Invariant: the pairs of ``first`` by source (source -> its hop values), so
-        # that a trigger reads its source's few pairs, not 256 possible ones.  The keys
-        # of ``last`` and ``last_of`` are among those of ``first`` (an F_EXTRA record
-        # comes with its packet, in the same bucket).
+        # Invariants: ``first`` and ``last`` hold the same pairs, each of them, so the
+        # pairs new in a bucket are the last ones ``last`` holds after it; the keys of
+        # ``last_of`` are among those (an F_EXTRA record comes with its packet, in the
+        # same bucket); ``values`` holds them by source (source -> its hop values), so
+        # that a trigger reads its source's few pairs, not 256 possible ones.
         self.values: dict[bytes, list[int]] = {}
 
     def add(self, part: Sequence[Record]) -> None:
         """Count the records of one bucket, in time order."""
         cols = Records.of(part)
-        times = cols.times
-        start, end = times[0], times[-1]
         keys = list(map(add, cols.src, map(_HOP_SUFFIX.__getitem__, cols.hop)))
         flags = cols.flags
         packets = keys
         if flags is not None:  # F_EXTRA records are further queries of a packet
             packets = list(compress(keys, map(not_, map(F_EXTRA.__and__, flags))))
-        first = self.first
-        if repeating(packets):  # few pairs (a flood of few sources): a step per pair
-            counts = Counter(packets)
-            self.packets.add_counts(0.0, counts)
-            fresh = list(filterfalse(first.__contains__, counts))
-            self.last.update(zip(counts, repeat(end)))
-        else:
-            self.packets.add_keys(0.0, packets)
-            fresh = list(dict.fromkeys(filterfalse(first.__contains__, packets)))
-            self.last.update(zip(packets, repeat(end)))
-        if fresh:
-            first.update(zip(fresh, repeat(start)))
-            self._index(fresh)
+        of_qtype: dict[int, Iterable[bytes]] = {}
         qtypes = set(cols.qtype) if self.last_of else set()
-        for qt, last in self.last_of.items():
+        for qt in self.last_of:
             if qt == MALFORMED_QTYPE:
                 if flags is not None:
-                    last.update(zip(compress(keys, map(F_MALFORMED.__and__, flags)),
-                                    repeat(end)))
+                    of_qtype[qt] = compress(keys, map(F_MALFORMED.__and__, flags))
             elif qt in qtypes:
-                last.update(zip(compress(keys, map(qt.__eq__, cols.qtype)), repeat(end)))
+                of_qtype[qt] = compress(keys, map(qt.__eq__, cols.qtype))
+        # Few pairs (a flood of few sources): a step per pair.
+        self.add_pairs(cols.first_time(), cols.last_time(),
+                       Counter(packets) if repeating(packets) else packets, of_qtype)
+
+    def add_pairs(self, start: float, end: float, packets: list[bytes] | Mapping[bytes, int],
+                  of_qtype: Mapping[int, Iterable[bytes]]) -> None:
+        """Count the packets of one bucket, from ``start`` to ``end``: their pairs
+        (repeats allowed) or the pairs counted (pair -> packets), and the pairs of the
+        records of each query type of ``last_of`` (repeats allowed)."""
+        last = self.last
+        seen = len(last)
+        if isinstance(packets, list):
+            self.packets.add_keys(0.0, packets)
+        else:
+            self.packets.add_counts(0.0, packets)
+        last.update(zip(packets, repeat(end)))
+        if len(last) > seen:  # new pairs, the last ones of ``last`` (see __init__)
+            fresh = list(islice(reversed(last), len(last) - seen))
+            fresh.reverse()
+            self.first.update(zip(fresh, repeat(start)))
+            self._index(fresh)
+        for qt, keys in of_qtype.items():
+            self.last_of[qt].update(zip(keys, repeat(end)))
+        first = self.first
         if len(first) > 2 * self.packets.capacity:  # the times of pairs no longer tracked go
             tracked = [key for key, _ in self.packets.top(0.0, len(self.packets))]
             self.first = {key: first[key] for key in tracked}
-            self.last = {key: self.last[key] for key in tracked}
-            for qt, last in self.last_of.items():
-                self.last_of[qt] = {key: last[key] for key in tracked if key in last}
+            self.last = {key: last[key] for key in tracked}
+            for qt, last_of in self.last_of.items():
+                self.last_of[qt] = {key: last_of[key] for key in tracked if key in last_of}
             self.values = {}
             self._index(tracked)
 
@@ -146,11 +164,19 @@ class SourceHops:
     def top(self, n: int) -> list[tuple[bytes, int, dict[int, int]]]:
         """The ``n`` sources with the most packets, most first: (source, packets, hop
         value -> packets)."""
-        hops: dict[bytes, dict[int, int]] = {}
-        for key, count in self.packets.top(0.0, len(self.packets)):
-            hops.setdefault(key[:-1], {})[key[-1]] = count
-        totals = Counter({src: sum(tally.values()) for src, tally in hops.items()})
-        return [(src, packets, hops[src]) for src, packets in totals.most_common(n)]
+        ranked = self.packets.top(0.0, len(self.packets))
+        sources = list(map(_pair_source, map(itemgetter(0), ranked)))
+        # Packets per source, in C (each ``get`` sees the sum so far), the sources in the
+        # order of their busiest pair: the order ties are listed in.
+        totals: Counter[bytes] = Counter()
+        dict.update(totals, zip(sources, map(add, map(totals.get, sources, repeat(0)),
+                                             map(itemgetter(1), ranked))))
+        count = self.packets.count
+        out = []
+        for src, packets in totals.most_common(n):
+            tally = {hop: count(0.0, src + _HOP_SUFFIX[hop]) for hop in self.values[src]}
+            out.append((src, packets, {hop: n for hop, n in tally.items() if n}))
+        return out
 
     def flood(self, src: bytes, now: float, window: float,
               qtype: int | None) -> dict[str, Any]:
@@ -201,9 +227,9 @@ def by_bucket(records: Sequence[Record], bucket: float) -> list[Records]:
     """``records`` cut wherever their timestamps enter another bucket (cut points found
     in C)."""
     cols = Records.of(records)
+    if cols.first_time() // bucket == cols.last_time() // bucket:
+        return [cols]  # most batches: their times need not be computed
     times = cols.times
-    if times[0] // bucket == times[-1] // bucket:
-        return [cols]
     buckets = list(map(floordiv, times, repeat(bucket)))
     cuts = [0, *compress(range(1, len(buckets)), map(ne, buckets[1:], buckets)), len(buckets)]
     return [cols[start:stop] for start, stop in zip(cuts, cuts[1:])]
@@ -220,17 +246,19 @@ class Analyzer:
         self.traffic = Traffic(config, track_peak=True, crossings=False)
         self.first_ts: float | None = None
         self.last_ts: float | None = None
-        self.malformed = 0
-        self.qtype_counts: Counter[int] = Counter()
         self.lifetime_qtypes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         self.lifetime_prefixes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
-        self.first: dict[tuple[str, str], Trigger] = {}
-        self.first_at: dict[tuple[str, str], float] = {}
+        # Per (rule name, trigger key): its trigger of the highest count (the first of
+        # them), that count, and when it first triggered with what hop values.
+        self.best: dict[tuple[str, bytes], Trigger] = {}
+        self.counts: dict[tuple[str, bytes], int] = {}
+        self.first_at: dict[tuple[str, bytes], float] = {}
         self.rules = {rule.name: rule for rule in config.rules}
         self.hops = SourceHops(cap, {qt for rule in config.rules
                                      if rule.aggregate == "source"
                                      and (qt := rule_qtype(rule)) is not None})
-        self.hops_at: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self.hops_at: dict[tuple[str, bytes], dict[str, Any] | None] = {}
+        self._qtype_suffixes: dict[int, bytes] = {}  # qtype -> qtype_suffix(qtype)
 
     def add(self, batch: Batch) -> None:
         self.report.frames += batch.frames
@@ -238,21 +266,30 @@ class Analyzer:
         records = Records.of(batch.records)
         if not records:
             return
-        self.qtype_counts.update(records.qtype)
-        if records.flags is not None:
-            self.malformed += len(records) - list(
-                map(and_, records.flags, repeat(F_MALFORMED))).count(0)
         bucket = self.config.rate_table.bucket
         if self.first_ts is None:
-            self.first_ts = records.times[0]
+            self.first_ts = records.first_time()
+        # A batch that repeats its sources (a flood of few), without flags (no TCP, no
+        # malformed packet): counted once per record by (source, hop value, query
+        # type), every further step per distinct one.
+        counted = records.flags is None and repeating(records.src)
+        per_source: dict[bytes, int] = {}  # the batch's packets per source, counted
+        per_key: dict[bytes, int] = {}  # and per source + qtype key
         for part in by_bucket(records, bucket):
             # The rules are evaluated at the last packet before another bucket.
-            times = part.times
-            if self.last_ts is not None and times[0] // bucket != self.last_ts // bucket:
+            start, end = part.first_time(), part.last_time()
+            if self.last_ts is not None and start // bucket != self.last_ts // bucket:
                 self._evaluate(self.last_ts)
-            self.traffic.add_batch(times[-1], part)
-            self.hops.add(part)
-            self.last_ts = times[-1]
+            self.traffic.add_batch(end, part)
+            if counted:
+                self._add_counted(start, end, part, per_source, per_key)
+            else:
+                self.hops.add(part)
+            self.last_ts = end
+        if counted:
+            self.lifetime_prefixes.add_counts(0.0, prefix_counts(per_source, 24, 64))
+            self.lifetime_qtypes.add_counts(0.0, per_key)
+            return
         sources = packet_sources(records)
         if repeating(sources):
             self.lifetime_prefixes.add_counts(0.0, prefix_counts(Counter(sources), 24, 64))
@@ -260,24 +297,44 @@ class Analyzer:
             self.lifetime_prefixes.add_keys(0.0, prefix_keys(sources, 24, 64))
         self.lifetime_qtypes.add_keys(0.0, source_qtype_keys(records))
 
+    def _add_counted(self, start: float, end: float, part: Records,
+                     per_source: dict[bytes, int], per_key: dict[bytes, int]) -> None:
+        """Count a bucket's records without flags into the per-pair tables, and add them
+        to ``per_source`` and ``per_key`` (source + qtype keys), in the order each key is
+        first seen, as the per-record counting would: a Python step per distinct
+        (source, hop value, query type)."""
+        pairs: dict[bytes, int] = {}
+        of_qtype: dict[int, list[bytes]] = {qt: [] for qt in self.hops.last_of}
+        suffixes = self._qtype_suffixes
+        for (src, hop, qt), n in Counter(zip(part.src, part.hop, part.qtype)).items():
+            pair = src + _HOP_SUFFIX[hop]
+            pairs[pair] = pairs.get(pair, 0) + n
+            per_source[src] = per_source.get(src, 0) + n
+            if qt >= 0:  # a bare TCP segment has no query type
+                key = src + (suffixes.get(qt) or suffixes.setdefault(qt, qtype_suffix(qt)))
+                per_key[key] = per_key.get(key, 0) + n
+                if qt in of_qtype:
+                    of_qtype[qt].append(pair)
+        self.hops.add_pairs(start, end, pairs, of_qtype)
+
     def _trigger_hops(self, now: float, trig: Trigger) -> dict[str, Any] | None:
         """:meth:`SourceHops.flood` for a per-source trigger; None for a prefix (hop
         values are a source's)."""
         rule = self.rules[trig.rule]
         if rule.aggregate != "source":
             return None
-        return self.hops.flood(trig.network.network_address.packed, now, rule.window,
-                               rule_qtype(rule))
+        return self.hops.flood(trig.key, now, rule.window, rule_qtype(rule))
 
     def _evaluate(self, now: float) -> None:
-        for trig in evaluate(now, self.traffic, self.config.rules, self.config.trust):
-            key = (trig.rule, str(trig.network))
-            old = self.first.get(key)
-            if old is None:  # when the daemon would act: its time and hop values
-                self.first_at[key] = now
-                self.hops_at[key] = self._trigger_hops(now, trig)
-            if old is None or trig.count > old.count:
-                self.first[key] = trig
+        # Only the keys counting more than they did trigger (``reported``).
+        for trig in evaluate(now, self.traffic, self.config.rules, self.config.trust,
+                             reported=self.counts):
+            which = (trig.rule, trig.key)
+            if which not in self.best:  # when the daemon would act: its time and hop values
+                self.first_at[which] = now
+                self.hops_at[which] = self._trigger_hops(now, trig)
+            self.best[which] = trig
+            self.counts[which] = trig.count
 
     def finish(self, top: int) -> Report:
         rep = self.report
@@ -285,19 +342,20 @@ class Analyzer:
         if self.last_ts is not None:
             self._evaluate(self.last_ts)
         rep.total = t.packets
-        rep.malformed = self.malformed
+        rep.malformed = t.queries.get(MALFORMED_QTYPE, 0)
         if self.first_ts is not None and self.last_ts is not None:
             rep.duration = self.last_ts - self.first_ts
-        rep.qtypes = {qtype_label(code): n for code, n in self.qtype_counts.most_common()
-                      if code != -1}
+        rep.qtypes = {qtype_label(code): n for code, n in t.queries.most_common()
+                      if code != MALFORMED_QTYPE}
         bucket = self.config.rate_table.bucket
         shown = self.hops.top(top)
         listed = {src for src, _, _ in shown}
         mixes: dict[bytes, Counter[str]] = {src: Counter() for src in listed}
-        for key, n in self.lifetime_qtypes.top(0.0, len(self.lifetime_qtypes)):
+        ranked = self.lifetime_qtypes.top(0.0, len(self.lifetime_qtypes))
+        keys = list(map(itemgetter(0), ranked))  # the listed sources' keys picked in C
+        for key, n in compress(ranked, map(listed.__contains__, map(qtype_key_source, keys))):
             src, code = split_qtype_key(key)
-            if src in listed:
-                mixes[src][qtype_label(code)] += n
+            mixes[src][qtype_label(code)] += n
         for src, n, hops in shown:
             rep.sources.append({
                 "source": str(address_network(src).network_address), "packets": n,
@@ -308,9 +366,11 @@ class Analyzer:
         for key, n in self.lifetime_prefixes.top(0.0, top):
             rep.prefixes.append({"prefix": str(prefix_network(key, 24, 64)), "packets": n})
         start = self.first_ts or 0.0
-        for which, trig in sorted(self.first.items(), key=lambda kv: (-kv[1].rate, kv[0])):
+        named = [(str(trig.network), which, trig) for which, trig in self.best.items()]
+        for network, which, trig in sorted(named, key=lambda nwt: (-nwt[2].rate, nwt[2].rule,
+                                                                   nwt[0])):
             rep.would_ban.append({
-                "source": str(trig.network), "rule": trig.rule, "action": trig.action,
+                "source": network, "rule": trig.rule, "action": trig.action,
                 "scope": trig.scope.as_json() if trig.action == "ban" else None,
                 "count": trig.count, "window": trig.window, "rate": round(trig.rate, 1),
                 "after": round(self.first_at[which] - start, 3),

@@ -43,14 +43,18 @@ class Trigger:
 
 
 def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule], trust: TrustConfig,
-             candidates: Candidates | None = None) -> list[Trigger]:
+             candidates: Candidates | None = None,
+             reported: Mapping[tuple[str, bytes], int] | None = None) -> list[Trigger]:
     """A trigger for every key counting more than a rule's threshold in its window.
 
     A rule with ``total_threshold`` is skipped unless all sources together count
     more than that; a qtype rule reads only its own qtype's keys.  A ban trigger
     carries the scope its evidence allows (:func:`floodd.decide.trust.ban_scope`).
     Given ``candidates`` (the keys the counting saw cross a ban threshold), only
-    those are looked at, and only by ban rules.
+    those are looked at, and only by ban rules.  Given ``reported`` ((rule name,
+    :attr:`Trigger.key`) -> a count), a key it holds triggers only when it counts
+    more than that (a replay keeping each trigger's highest count: no trigger, nor
+    its evidence, is built for a key that did not grow).
     """
     triggers: list[Trigger] = []
     for rule in rules:
@@ -60,14 +64,16 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule], trust: TrustCo
                 traffic.rule_total(now, rule) <= rule.total_threshold:
             continue  # rotating-source guard not armed
         qtype = rule_qtype(rule)
+        name, threshold = rule.name, rule.threshold
         for key, count in traffic.over(now, rule, candidates):
-            if rule.aggregate == "prefix":
-                network = prefix_network(key, rule.prefix_v4, rule.prefix_v6)
-            elif qtype is not None:
+            if qtype is not None and rule.aggregate != "prefix":
                 key, key_qtype = split_qtype_key(key)
                 if key_qtype != qtype:
                     continue
-                network = address_network(key)
+            if reported is not None and count <= reported.get((name, key), threshold):
+                continue
+            if rule.aggregate == "prefix":
+                network = prefix_network(key, rule.prefix_v4, rule.prefix_v6)
             else:
                 network = address_network(key)
             scope, narrowing = WHOLE, None

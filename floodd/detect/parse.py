@@ -207,6 +207,15 @@ class Records(Sequence[Record]):
             times = self._times = times()
         return times
 
+    def first_time(self) -> float:
+        """The capture time of the first record (``time`` if there is none)."""
+        times = self._times
+        if times is None or not self.src:
+            return self.time
+        if isinstance(times, _Stamper):  # not computed yet: only the first one's
+            return times.first()
+        return self.times[0]
+
     def last_time(self) -> float:
         """The capture time of the last record (``time`` if there is none)."""
         times = self._times
@@ -985,12 +994,22 @@ class _Stamper:
             stamps = list(compress(stamps, keep))
         return _splice(stamps, self.extra, self.at) if self.extra else stamps
 
+    def first(self) -> float:
+        """The first record's time (of a batch with records), without the others'."""
+        if self.extra and self.at[0] == 0:  # a general record comes first
+            return self.extra[0]
+        return self._stamp(0)
+
     def last(self) -> float:
         """The last record's time (of a batch with records), without the others'."""
         fast = len(self.meta) // 16 - len(self.slow)  # the fast-path records
         if self.extra and self.at[-1] >= fast:  # a general record comes last
             return self.extra[-1]
-        frame = fast - 1 + bisect_right(self.slow, fast - 1)  # the last fast record's
+        return self._stamp(fast - 1)
+
+    def _stamp(self, record: int) -> float:
+        """The time of the fast-path record ``record`` (its index among them)."""
+        frame = record + bisect_right(self.slow, record)  # the frame it came in
         sec, usec = _META.unpack_from(self.meta, frame * 16)[:2]
         stamp: float = sec + usec * 1e-6  # as __call__ computes it
         return stamp

@@ -255,14 +255,27 @@ class RateTable(Generic[K]):
         """Of ``keys`` (distinct), those with more than ``threshold`` packets in the
         window, most first."""
         self._advance(now)
-        count = self._count
-        hits = [(key, n) for key in keys if (n := count(key)) > threshold]
+        # _count inlined, the share of the oldest bucket read once: a key over a
+        # threshold costs a few lookups (the policy reads every one at every tick).
+        totals_get, rings_get = self._totals.get, self._rings.get
+        keep, slot = self._keep(), self._cur % self._span
+        hits = []
+        for key in keys:
+            n = totals_get(key, 0)
+            ring = rings_get(key)
+            if ring is not None and n:
+                oldest = ring[slot]
+                n += int(keep * oldest) - oldest
+            if n > threshold:
+                hits.append((key, n))
         hits.sort(key=_by_count, reverse=True)
         return hits
 
     def top(self, now: float, n: int) -> list[tuple[K, int]]:
         """The ``n`` keys with the most packets in the window, most first."""
         self._advance(now)
+        if not self._rings:  # no bucket closed on a tracked key: counts are the totals
+            return heapq.nlargest(n, self._totals.items(), key=_by_count)
         return heapq.nlargest(n, (kc for kc in self._counts(0) if kc[1]), key=_by_count)
 
     def total(self, now: float) -> int:

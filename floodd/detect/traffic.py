@@ -94,7 +94,6 @@ SOURCE, PREFIX, SOURCE_QTYPE, QTYPE = "source", "prefix", "source+qtype", "qtype
 HOP_SUFFIX, TCP_SUFFIX = "+hop", "+tcp"  # the kinds of a rule table's evidence tables
 EVIDENCE_SHARE = 8  # an evidence table holds 1/8 of its rule table's capacity
 
-_source_part = itemgetter(slice(None, -3))  # the source of a source + qtype key (_QT_BYTES)
 # The per-source query-type mix (status and ``top`` only) counts 1 packet in this many:
 # a mix is a proportion, and the busiest sources, the ones shown, have packets to spare.
 MIX_SAMPLE = 16
@@ -184,6 +183,9 @@ def qtype_suffix(qtype: int) -> bytes:
 
 def split_qtype_key(key: bytes) -> tuple[bytes, int]:
     return key[:-_QT_BYTES], int.from_bytes(key[-_QT_BYTES:], "big")
+
+
+qtype_key_source = itemgetter(slice(None, -_QT_BYTES))  # the source of a qtype_key, in C
 
 
 def rule_qtype(rule: Rule) -> int | None:
