@@ -655,11 +655,11 @@ class Daemon:
         except FlooddError as exc:
             self.log.warning(f"cannot read this host's addresses, keeping the last ones: {exc}")
         self.offences.forget_old(at.mono)
-        self.fast.follow(self.config, self.own)
-        self.fast.rescan()
         done = self.bans.rescan(at)
         if done is None:
-            return  # the firewall did not answer: left alone for a while
+            return  # the firewall did not answer: left alone for a while (the fast drop too)
+        self.fast.follow(self.config, self.own)
+        self.fast.rescan()
         for ib in done.unbanned:  # their last packets, since the previous rescan
             last = self._drops.get(ib.target)
             self._dropped += max(0, ib.packets - (last[1] if last is not None else 0))

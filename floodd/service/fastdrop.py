@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from floodd.config import Config, Network
 from floodd.decide.safety import LOOPBACK
 from floodd.enforce.firewall.fastdrop import FastDropped, KernelFastDrop, Meter, meters
+from floodd.command import CommandTimeout
 from floodd.errors import FlooddError
 from floodd.service.journal import EventLog
 
@@ -116,11 +117,18 @@ class FastDrop:
                            action="fast-drop")
 
     def rescan(self) -> list[FastDropped]:
-        """Read the pairs the kernel dropped lately; log the new ones, count the packets."""
+        """Read the pairs the kernel dropped lately; log the new ones, count the packets.
+        Called after the bans' rescan, and not while the firewall does not answer."""
         if self.kernel is None:
             return []
         try:
             pairs = self.kernel.dropped()
+        except CommandTimeout as exc:  # nft hangs: no repair, which would hang as long
+            if not self._failed:
+                self.log.warning(f"fast drop: cannot read what the kernel dropped: {exc}",
+                                 action="fast-drop")
+            self._failed = True
+            return []
         except FlooddError as exc:
             self._repair(exc)
             return []

@@ -18,7 +18,7 @@ fills; IPv6 has the same with ``6``, ``ip6 saddr`` and ``ip6 hoplimit``::
         set dropped4 { typeof ip saddr . ip ttl; size 20000; flags dynamic, timeout;
                        timeout 10s; counter; }                           # what was dropped
         chain input {
-            type filter hook input priority filter - 5; policy accept;
+            type filter hook input priority filter + 5; policy accept;
             ip saddr @spare4 return
             meta nfproto ipv4 udp dport 53 update @meter4 { ip saddr . ip ttl limit rate
                 over 5000/second burst 5000 packets } update @over4 { ip saddr . ip ttl }
@@ -26,6 +26,10 @@ fills; IPv6 has the same with ``6``, ``ip6 saddr`` and ``ip6 hoplimit``::
             udp dport 53 ip saddr . ip ttl @over4 drop
         }
     }
+
+The chain comes after floodd's bans (nftables' ``inet floodd`` at priority filter - 10,
+iptables' INPUT at filter): a banned source's packets are dropped, and counted, by its
+ban, and the meters see only what no ban drops.
 
 Each meter element is a token bucket of ``burst`` packets refilled at ``rate``, for one
 source address and hop value; a packet finding it empty is over, and puts (or keeps) the
@@ -156,7 +160,7 @@ def setup_script(meter_list: Sequence[Meter], settings: FastDropConfig, ports: S
     hold = math.ceil(settings.hold)
     lines = [f"add table inet {table}", f"delete table inet {table}", f"add table inet {table}"]
     rules = [f"add chain inet {table} input "
-             "{ type filter hook input priority filter - 5; policy accept; }"]
+             "{ type filter hook input priority filter + 5; policy accept; }"]
     for version in (4, 6):
         ip, hop, addr = _FAMILY[version]
         key = f"{ip} saddr . {hop}"
