@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from floodd.config import Config, Network
 from floodd.decide.safety import LOOPBACK
-from floodd.enforce.firewall.fastdrop import FastDropped, KernelFastDrop, Meter, meters
+from floodd.enforce.firewall.fastdrop import KernelFastDrop, Meter, meters
 from floodd.command import CommandTimeout
 from floodd.errors import FlooddError
 from floodd.service.journal import EventLog
@@ -116,11 +116,11 @@ class FastDrop:
             self.log.error(f"fast drop: cannot update the spared networks: {exc}",
                            action="fast-drop")
 
-    def rescan(self) -> list[FastDropped]:
+    def rescan(self) -> None:
         """Read the pairs the kernel dropped lately; log the new ones, count the packets.
         Called after the bans' rescan, and not while the firewall does not answer."""
         if self.kernel is None:
-            return []
+            return
         try:
             pairs = self.kernel.dropped()
         except CommandTimeout as exc:  # nft hangs: no repair, which would hang as long
@@ -128,10 +128,10 @@ class FastDrop:
                 self.log.warning(f"fast drop: cannot read what the kernel dropped: {exc}",
                                  action="fast-drop")
             self._failed = True
-            return []
+            return
         except FlooddError as exc:
             self._repair(exc)
-            return []
+            return
         self._failed = False
         grown = 0
         new = []
@@ -156,7 +156,6 @@ class FastDrop:
             self.log.info(f"fast drop: and {len(new) - LOGGED} more sources "
                           f"({sum(p.packets for p in new[LOGGED:])} queries)",
                           action="fast-drop", packets=len(new) - LOGGED)
-        return pairs
 
     def _repair(self, problem: FlooddError) -> None:
         """The table could not be read: set it up again (someone removed it), once per

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from floodd.config import MATCH_ALL, Config, FastDropConfig, Network, Rule
-from floodd.enforce.firewall.nftables import nft
+from floodd.enforce.firewall.nftables import delete_table, element, nft, port_match
 from floodd.errors import Failure
 
 TABLE = "floodd_fast"
@@ -103,10 +103,6 @@ class FastDropped:
     bytes: int
     idle: float  # seconds since its last dropped packet (at most hold)
 
-    def as_json(self) -> dict[str, Any]:
-        return {"source": str(self.network.network_address), "hop": self.hop,
-                "packets": self.packets, "bytes": self.bytes, "idle": self.idle}
-
 
 def meter_rules(config: Config) -> list[Rule]:
     """The rules a fast drop can stand in for: per source, every query, banning, without a
@@ -133,19 +129,13 @@ def meters(config: Config) -> list[Meter]:
     return out
 
 
-def _spelled(network: Network) -> str:
-    if network.prefixlen == network.max_prefixlen:
-        return str(network.network_address)
-    return str(network)
-
-
 def spare_script(spared: Iterable[Network], table: str = TABLE) -> str:
     """Replace the spare sets' elements with ``spared`` (one transaction)."""
     lines = []
     nets = list(spared)
     for version in (4, 6):
         lines.append(f"flush set inet {table} spare{version}")
-        elems = [_spelled(n) for n in nets if n.version == version]
+        elems = [element(n) for n in nets if n.version == version]
         if elems:
             lines.append(f"add element inet {table} spare{version} {{ {', '.join(elems)} }}")
     return "\n".join(lines) + "\n"
@@ -154,11 +144,9 @@ def spare_script(spared: Iterable[Network], table: str = TABLE) -> str:
 def setup_script(meter_list: Sequence[Meter], settings: FastDropConfig, ports: Sequence[int],
                  spared: Iterable[Network], table: str = TABLE) -> str:
     """The whole table, replacing any there (one transaction: meters start empty)."""
-    port_set = sorted(set(ports))
-    port = str(port_set[0]) if len(port_set) == 1 else \
-        "{ " + ", ".join(map(str, port_set)) + " }"
+    port = port_match(ports)
     hold = math.ceil(settings.hold)
-    lines = [f"add table inet {table}", f"delete table inet {table}", f"add table inet {table}"]
+    lines = [delete_table(table) + f"add table inet {table}"]
     rules = [f"add chain inet {table} input "
              "{ type filter hook input priority filter + 5; policy accept; }"]
     for version in (4, 6):
@@ -239,4 +227,4 @@ class KernelFastDrop:
         return out
 
     def teardown(self) -> None:
-        nft(["-f", "-"], f"add table inet {self.table}\ndelete table inet {self.table}\n")
+        nft(["-f", "-"], delete_table(self.table))

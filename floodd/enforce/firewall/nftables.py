@@ -226,6 +226,18 @@ def element(network: Network) -> str:
     return str(network)
 
 
+def port_match(ports: Iterable[int]) -> str:
+    """nft's spelling of a port match's right side: ``53`` or ``{ 53, 853 }``."""
+    unique = sorted(set(ports))
+    return str(unique[0]) if len(unique) == 1 else "{ " + ", ".join(map(str, unique)) + " }"
+
+
+def delete_table(table: str) -> str:
+    """The ``nft -f`` lines deleting table ``inet TABLE``; adding it first makes the delete
+    succeed when it does not exist."""
+    return f"add table inet {table}\ndelete table inet {table}\n"
+
+
 def _span(low: int, high: int) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
@@ -740,8 +752,7 @@ class NftablesBackend(Buffered):
     def _match(self, udp_only: bool) -> str:
         """What a drop rule matches before the source: the scope's ports and protocols
         (UDP only for the UDP-only sets, whatever the configured protocols)."""
-        ports = sorted(set(self.ports))
-        port = str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
+        port = port_match(self.ports)
         if udp_only:
             return "meta l4proto udp " if self.scope == "all" else f"udp dport {port} "
         if self.scope == "all":
@@ -869,8 +880,7 @@ class NftablesBackend(Buffered):
 
     def teardown(self) -> None:
         self._mirror = None
-        # adding the table first makes the delete succeed when it does not exist
-        nft(["-f", "-"], f"add table inet {self.table}\ndelete table inet {self.table}\n")
+        nft(["-f", "-"], delete_table(self.table))
 
 
 def nft(args: list[str], script: str | None = None, missing_ok: bool = False) -> str | None:
