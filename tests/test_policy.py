@@ -61,7 +61,7 @@ def test_reported_keys_trigger_again_only_when_they_count_more() -> None:
     assert {(x.rule, x.key) for x in first} == {
         ("flood", addr("198.51.100.7")), ("watch", addr("198.51.100.7")),
         ("any", addr("203.0.113.5"))}
-    reported = {(x.rule, x.key): x.count for x in first}
+    reported = {(x.rule, x.key): x for x in first}
     assert evaluate(100.5, t, config.rules, config.trust, reported=reported) == []
     feed(t, 100.7, "198.51.100.7", 1)
     again = evaluate(100.8, t, config.rules, config.trust, reported=reported)

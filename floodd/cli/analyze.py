@@ -249,9 +249,8 @@ class Analyzer:
         self.lifetime_qtypes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         self.lifetime_prefixes: RateTable[bytes] = RateTable(_FOREVER, _FOREVER, cap)
         # Per (rule name, trigger key): its trigger of the highest count (the first of
-        # them), that count, and when it first triggered with what hop values.
+        # them), and when it first triggered with what hop values.
         self.best: dict[tuple[str, bytes], Trigger] = {}
-        self.counts: dict[tuple[str, bytes], int] = {}
         self.first_at: dict[tuple[str, bytes], float] = {}
         self.rules = {rule.name: rule for rule in config.rules}
         self.hops = SourceHops(cap, {qt for rule in config.rules
@@ -328,13 +327,12 @@ class Analyzer:
     def _evaluate(self, now: float) -> None:
         # Only the keys counting more than they did trigger (``reported``).
         for trig in evaluate(now, self.traffic, self.config.rules, self.config.trust,
-                             reported=self.counts):
+                             reported=self.best):
             which = (trig.rule, trig.key)
             if which not in self.best:  # when the daemon would act: its time and hop values
                 self.first_at[which] = now
                 self.hops_at[which] = self._trigger_hops(now, trig)
             self.best[which] = trig
-            self.counts[which] = trig.count
 
     def finish(self, top: int) -> Report:
         rep = self.report

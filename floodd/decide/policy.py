@@ -44,7 +44,7 @@ class Trigger:
 
 def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule], trust: TrustConfig,
              candidates: Candidates | None = None,
-             reported: Mapping[tuple[str, bytes], int] | None = None) -> list[Trigger]:
+             reported: Mapping[tuple[str, bytes], Trigger] | None = None) -> list[Trigger]:
     """A trigger for every key counting more than a rule's threshold in its window.
 
     A rule with ``total_threshold`` is skipped unless all sources together count
@@ -52,9 +52,9 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule], trust: TrustCo
     carries the scope its evidence allows (:func:`floodd.decide.trust.ban_scope`).
     Given ``candidates`` (the keys the counting saw cross a ban threshold), only
     those are looked at, and only by ban rules.  Given ``reported`` ((rule name,
-    :attr:`Trigger.key`) -> a count), a key it holds triggers only when it counts
-    more than that (a replay keeping each trigger's highest count: no trigger, nor
-    its evidence, is built for a key that did not grow).
+    :attr:`Trigger.key`) -> a trigger), a key it holds triggers only when it counts
+    more than that trigger (a replay keeping each key's trigger of the highest count:
+    no trigger, nor its evidence, is built for a key that did not grow).
     """
     triggers: list[Trigger] = []
     for rule in rules:
@@ -64,13 +64,14 @@ def evaluate(now: float, traffic: Traffic, rules: Sequence[Rule], trust: TrustCo
                 traffic.rule_total(now, rule) <= rule.total_threshold:
             continue  # rotating-source guard not armed
         qtype = rule_qtype(rule)
-        name, threshold = rule.name, rule.threshold
+        name = rule.name
         for key, count in traffic.over(now, rule, candidates):
             if qtype is not None and rule.aggregate != "prefix":
                 key, key_qtype = split_qtype_key(key)
                 if key_qtype != qtype:
                     continue
-            if reported is not None and count <= reported.get((name, key), threshold):
+            if reported is not None and (old := reported.get((name, key))) is not None \
+                    and count <= old.count:
                 continue
             if rule.aggregate == "prefix":
                 network = prefix_network(key, rule.prefix_v4, rule.prefix_v6)
