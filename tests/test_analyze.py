@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from floodd.config import build_config
-from floodd.cli.analyze import SourceHops, analyze_file, by_bucket, format_report
+from floodd.cli.analyze import SourceHops, analyze_file, by_bucket, format_report, report_json
 from floodd.detect.parse import F_EXTRA, UDP, Records
 from lab.synth import dns_query, generate_flood_capture, link_frame, udp_datagram, write_pcap
 from test_parse import PCAPS, reference_count
@@ -53,6 +53,19 @@ def test_batches_are_cut_on_the_captures_bucket_edges() -> None:
         [10.0, 10.5], [12.2], [15.9, 15.95]]
     assert by_bucket(records[:2], 1.0) == [records[:2]]
     assert [len(part) for part in by_bucket(records, 5.0)] == [3, 2]
+
+
+def test_json_report_has_a_line_per_field_and_list_item() -> None:
+    report = {"file": "a.pcap", "total": 3, "qtypes": {"A": 2, "ANY": 1}, "sources": [
+        {"source": "198.51.100.7", "packets": 2, "hops": {"64": 2}},
+        {"source": "2001:db8::7", "packets": 1, "hops": {}}], "would_ban": []}
+    text = report_json(report)
+    assert json.loads(text) == report
+    assert text.endswith("}\n")
+    assert text.splitlines() == [
+        "{", ' "file": "a.pcap",', ' "total": 3,', ' "qtypes": {"A": 2, "ANY": 1},',
+        ' "sources": [', '  {"source": "198.51.100.7", "packets": 2, "hops": {"64": 2}},',
+        '  {"source": "2001:db8::7", "packets": 1, "hops": {}}', " ],", ' "would_ban": []', "}"]
 
 
 def test_text_report_of_a_flood(tmp_path: Path) -> None:

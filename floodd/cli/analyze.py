@@ -507,6 +507,21 @@ def format_report(rep: Report) -> str:
     return "\n".join(lines)
 
 
+def report_json(report: dict[str, Any]) -> str:
+    """The report as JSON, a line per field and per item of a list field: json's C
+    encoder writes each line (it takes no ``indent``, and the Python one is several
+    times slower on a report of thousands of triggers)."""
+    fields = []
+    for key, value in report.items():
+        name = json.dumps(key)
+        if isinstance(value, list) and value:
+            items = ",\n  ".join(map(json.dumps, value))
+            fields.append(f" {name}: [\n  {items}\n ]")
+        else:
+            fields.append(f" {name}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise FlooddError(f"analyze: --top: expected a positive number, got {args.top}")
@@ -515,8 +530,7 @@ def _run(args: argparse.Namespace) -> int:
     progress = sys.stderr if sys.stderr.isatty() and not args.json else None
     rep = analyze_file(args.file, config, top=args.top, progress=progress)
     if args.json:
-        json.dump(rep.as_json(), sys.stdout, indent=1)
-        print()
+        sys.stdout.write(report_json(rep.as_json()))
     else:
         print(format_report(rep))
     if fmt is not None:
