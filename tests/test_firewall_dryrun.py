@@ -16,9 +16,9 @@ T0 = 1_700_000_000.0
 def test_dry_run_records_and_reports() -> None:
     said: list[str] = []
     backend = DryRunBackend([53], ["udp", "tcp"], log=said.append)
-    assert not backend.present()
+    assert backend.survey() is None
     backend.setup()
-    assert backend.present()
+    assert backend.survey() == []
     backend.ban([Ban(net("198.51.100.7/32"), "query-flood", T0, T0 + 600),
                  Ban(net("203.0.113.0/24"), "prefix-flood", T0, T0 + 60)])
     assert backend.list() == []  # buffered until commit
@@ -28,7 +28,7 @@ def test_dry_run_records_and_reports() -> None:
     assert backend.list() == [InstalledBan(net("198.51.100.7/32"), "query-flood", T0,
                                            T0 + 600, 0, 0)]
     backend.teardown()
-    assert backend.list() == [] and not backend.present()
+    assert backend.list() == [] and backend.survey() is None
     assert said == [
         "dry run: would set up the firewall to drop udp/tcp to port 53 from banned sources",
         "dry run: would ban 198.51.100.7/32 for 600 s (query-flood)",

@@ -72,6 +72,8 @@ try:
         elif op == "remaining":
             result = sorted([str(b.network), b.scope.text(), b.remaining]
                             for b in backend.list())
+        elif op == "present":
+            result = backend.survey() is not None
         elif op == "commit":
             done = backend.commit()
             result = {"added": sorted([str(b.network), b.scope.text()] for b in done.added),

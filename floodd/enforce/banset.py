@@ -216,12 +216,13 @@ class BanSet:
         set_up = False
         started = time.monotonic()
         try:
-            if self._needs_setup or not self.backend.present():
+            listed = None if self._needs_setup else self.backend.survey()
+            if listed is None:
                 set_up = True
                 self._needs_setup = True
                 self.backend.setup()
                 self._needs_setup = False
-            listed = self.backend.list()
+                listed = self.backend.list()
         except FlooddError as exc:
             self._lose(now, str(exc), started)
             raise BanFailure(f"{exc}; floodd reads the firewall again in "

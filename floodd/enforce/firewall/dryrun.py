@@ -47,12 +47,12 @@ class DryRunBackend(Buffered):
                 removed.append(target)
         return Committed(tuple(added), tuple(removed))
 
+    def survey(self) -> list[InstalledBan] | None:
+        return self.list() if self._set_up is not None else None
+
     def list(self) -> list[InstalledBan]:
         return [InstalledBan(b.network, b.rule, b.since, b.expires, 0, 0, scope=b.scope)
                 for b in self._bans.values()]
-
-    def present(self) -> bool:
-        return self._set_up is not None
 
     def teardown(self) -> None:
         if self._set_up is not None:

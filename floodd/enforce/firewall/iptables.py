@@ -298,7 +298,10 @@ class IptablesBackend(Buffered):
         added = [b for t, b in pending.items() if b is not None and not set_scope(t.scope)]
         return Committed((*added, *added_to_sets), tuple(removed))
 
-    def present(self) -> bool:
+    def survey(self) -> list[InstalledBan] | None:
+        return self.list() if self._present() else None
+
+    def _present(self) -> bool:
         for version in VERSIONS:
             with self._session(version, "check") as (fam, table):
                 if not table.is_chain(self._chain):

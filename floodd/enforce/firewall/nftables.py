@@ -872,11 +872,12 @@ class NftablesBackend(Buffered):
         self._mirror = Mirror(state, started, finished, wall)
         return state
 
+    def survey(self) -> list[InstalledBan] | None:
+        state = self.state()
+        return list(state.bans) if state.complete else None
+
     def list(self) -> list[InstalledBan]:
         return list(self.state().bans)
-
-    def present(self) -> bool:
-        return self.state().complete
 
     def teardown(self) -> None:
         self._mirror = None
