@@ -25,7 +25,6 @@ import pytest
 from floodd.detect.capture import CaptureStats
 from floodd.detect.parse import Batch
 from floodd.errors import FlooddError
-from floodd.service.daemon import CaptureWorker
 
 from conftest import backend_problem
 from daemon_helpers import (FLOODD, Floodd, capture_interfaces, daemon_config, finish, flood,
@@ -604,43 +603,6 @@ def test_stopped_capture_stops_the_watchdog(dns_lab: Any, floodd: Start,
     assert status.returncode == 0, status.stderr
     assert "Traceback" not in daemon.log()
     assert daemon.stop() == 0
-
-
-class _Batches:
-    """A packet source that hands out the given batches, then ends."""
-
-    linktype = 1
-
-    def __init__(self, batches: list[Batch]) -> None:
-        self.batches = list(batches)
-
-    def read(self, timeout: float) -> Batch | None:
-        return self.batches.pop(0) if self.batches else None
-
-    def stats(self) -> CaptureStats:
-        return CaptureStats(0, 0, 0)
-
-    def close(self) -> None:
-        pass
-
-
-def test_capture_worker_stamps_what_it_counts_with_the_monotonic_clock() -> None:
-    # Records carry the kernel's wall-clock stamps, which may step; the tables' clock
-    # is the monotonic one, read when the batch is counted.
-    wall = time.time()
-    src = bytes([198, 51, 100, 7])
-    batches = [Batch([(wall - 3600.0, src, 17, 1, 0, 64)], 1, 0), Batch([], 0, 0),
-               Batch([(wall + 3600.0, src, 17, 1, 0, 64)], 1, 0)]
-    counted: list[tuple[float, Batch]] = []
-    worker = CaptureWorker(_Batches(batches), "test",
-                           lambda now, batch, weight: counted.append((now, batch)))
-    started = time.monotonic()
-    worker.start()
-    worker.join(timeout=5)
-    assert not worker.is_alive() and worker.error is None
-    assert [batch for _, batch in counted] == [batches[0], batches[2]]
-    assert all(started <= now <= time.monotonic() for now, _ in counted)
-    assert counted[0][0] <= counted[1][0]
 
 
 # --- the control socket ------------------------------------------------------------------

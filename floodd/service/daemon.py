@@ -26,7 +26,7 @@ from typing import AbstractSet, Any, Callable, Sequence
 from prometheus_client import Histogram
 
 from floodd import __version__
-from floodd.detect.capture import CaptureStats, LiveCapture, PacketSource
+from floodd.detect.capture import LiveCapture, PacketSource
 from floodd.detect.parse import Batch
 from floodd.config import Config, load_config
 from floodd.service.control import ControlServer, refusal
@@ -36,11 +36,11 @@ from floodd.enforce.clock import Instant
 from floodd.enforce.clock import now as clock_now
 from floodd.enforce.firewall import make_backend
 from floodd.enforce.firewall.base import Backend, Network
-from floodd.detect.sampling import SamplingControl
 from floodd.scope import WHOLE, Target
+from floodd.service.captures import Captures, CaptureWorker
 from floodd.service.journal import EventLog
-from floodd.service.metrics import (OPERATOR, InterfaceCounts, Metrics, Snapshot,
-                                    qtype_metric_label, refusal_label, scope_label)
+from floodd.service.metrics import (OPERATOR, Metrics, Snapshot, qtype_metric_label,
+                                    refusal_label, scope_label)
 from floodd.service.notify import Notifier
 from floodd.service.throttle import Throttle
 from floodd.decide.policy import Offences, Trigger, evaluate, plan
@@ -57,111 +57,12 @@ from floodd.detect.traffic import Candidates, Traffic, address_network, qtype_la
 
 # Networks remembered for logging a warning or a refusal once per interval.
 LOG_KEYS = 10_000
-# A capture thread that has not come round its read loop for this long is wedged.
-CAPTURE_STALL = 5.0
-READ_TIMEOUT = 0.25
 # A change request not taken up by the main loop within this long is dropped, not run;
 # shorter than the command line's wait, so the client hears why.
 REQUEST_TIMEOUT = 8.0
 # Once taken up, a change ends within a few firewall command timeouts.
 CHANGE_TIMEOUT = 30.0
 SWITCH_INTERVAL = 0.001  # seconds: the interpreter's thread switch interval in the daemon
-
-
-class CaptureWorker(threading.Thread):
-    """Reads one packet source and counts every batch into the shared tables,
-    stamped with ``time.monotonic()`` when it was read, with the weight of the
-    source's kernel sampling (each packet read stands for ``weight`` packets).
-
-    Only this thread touches the source (libpcap handles are not thread-safe): the
-    kernel filter's exclusions are handed in with :meth:`exclude` and applied before
-    the next read, and the sampling follows a :class:`SamplingControl` fed once a
-    second with this thread's CPU time and the kernel's counters.
-    """
-
-    def __init__(self, source: PacketSource, name: str,
-                 count: Callable[[float, Batch, int], None], max_sampling: int = 1) -> None:
-        super().__init__(name=f"floodd-capture-{name}", daemon=True)
-        self.source = source
-        self.interface = name
-        self.count = count
-        self.heartbeat = time.monotonic()
-        self.error: str | None = None
-        self.packets = 0  # queries counted, scaled by the sampling
-        self.excluded = 0  # banned targets the kernel filter keeps out now
-        self.sampling = 1  # 1 in this many packets reaches floodd
-        self._filterable = isinstance(source, LiveCapture)
-        self._control = SamplingControl(max_sampling) if self._filterable and \
-            max_sampling > 1 else None
-        self._exclusions: tuple[Target, ...] | None = None  # to apply: see exclude()
-        self._stop_event = threading.Event()
-        self._source_lock = threading.Lock()
-        self._closed = False
-        self._stats = CaptureStats(0, 0, 0)
-
-    def exclude(self, targets: Sequence[Target]) -> None:
-        """Keep these bans' packets out of the capture from the next read on (heaviest
-        first: the filter takes as many as it can)."""
-        self._exclusions = tuple(targets)
-
-    def run(self) -> None:
-        try:
-            next_sample = time.monotonic() + 1.0
-            cpu = time.thread_time()
-            while not self._stop_event.is_set():
-                self._apply_exclusions()
-                batch = self.source.read(READ_TIMEOUT)
-                if batch is None:
-                    break
-                now = time.monotonic()
-                if batch.records:
-                    weight = self.source.weight if isinstance(self.source, LiveCapture) else 1
-                    self.count(now, batch, weight)
-                    self.packets += len(batch.records) * weight
-                self.heartbeat = now
-                if now >= next_sample and self._control is not None:
-                    spent = time.thread_time()
-                    self._resample(now, (spent - cpu) / (now - next_sample + 1.0))
-                    cpu, next_sample = spent, now + 1.0
-        except FlooddError as exc:
-            self.error = str(exc)
-        except Exception as exc:  # a capture failure must reach the log, not kill silently
-            self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            with self._source_lock:
-                self._closed = True
-                self.source.close()
-
-    def _apply_exclusions(self) -> None:
-        targets, self._exclusions = self._exclusions, None
-        if targets is not None and isinstance(self.source, LiveCapture):
-            self.excluded = self.source.exclude(targets)
-
-    def _resample(self, now: float, busy: float) -> None:
-        """Follow the sampling controller, from the CPU share ``busy`` this thread used
-        over the last second and the kernel's counters."""
-        assert self._control is not None and isinstance(self.source, LiveCapture)
-        stats = self.stats()
-        wanted = self._control.update(now, busy, stats.dropped, stats.received)
-        if wanted != self.sampling:
-            self.source.sample(wanted)
-            self.sampling = wanted
-
-    def stats(self) -> CaptureStats:
-        """The source's counters; the last ones read once it failed or was closed."""
-        with self._source_lock:
-            if not self._closed:
-                try:
-                    self._stats = self.source.stats()
-                except Exception:  # a failing capture keeps its last figures
-                    pass
-            return self._stats
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def healthy(self, now: float) -> bool:
-        return self.is_alive() and self.error is None and now - self.heartbeat < CAPTURE_STALL
 
 
 class _Pending:
@@ -208,7 +109,7 @@ class Daemon:
                                            exclude_max=cfg.capture.exclude_banned))
         self.lock = threading.Lock()
         self.traffic = Traffic(config)
-        self.workers: list[CaptureWorker] = []
+        self.captures = Captures()
         self.backend_note = ""
         # The one owner of the bans (the kernel's, mirrored); every ban and unban goes
         # through it.  Its deadlines, like the offences, are on the monotonic clock.
@@ -228,7 +129,6 @@ class Daemon:
         self._drops: dict[Target, tuple[float, int]] = {}
         self._dropped = 0  # packets the bans dropped since start, from those counters
         self.metrics = Metrics()
-        self._excluded: tuple[Target, ...] = ()
         self.own: list[Network] = []
         self.control: ControlServer | None = None
         self.requests: queue.Queue[_Pending] = queue.Queue()
@@ -334,7 +234,7 @@ class Daemon:
             self._measure_rate(mono)
             self._publish()
             self._log_sampling()
-            if self._captures_healthy(mono):
+            if self.captures.healthy(mono):
                 if watchdog is not None and mono >= next_ping:
                     self.notifier.watchdog()
                     next_ping = mono + watchdog / 3
@@ -343,7 +243,7 @@ class Daemon:
                     self._capture_problem_logged = None
                     self.log.info("capture running again", action="capture")
             else:
-                problem = self._capture_problem(mono)
+                problem = self.captures.problem(mono)
                 if problem != self._capture_problem_logged:
                     self._capture_problem_logged = problem
                     self.log.error(f"capture stopped: {problem}", action="capture")
@@ -386,7 +286,7 @@ class Daemon:
             self.fleet = FleetLink(cfg.crowdsec, self.log)
             self.fleet.start()
         self._update_exclusions(at.mono)
-        self._start_captures(self._open_captures(cfg))
+        self.captures.start(self._open_captures(cfg))
         self._publish()
 
     def _make_backend(self, cfg: Config) -> tuple[Backend, str]:
@@ -396,39 +296,15 @@ class Daemon:
         return backend, f"{backend.name} ({why})"
 
     def _open_captures(self, cfg: Config) -> list[CaptureWorker]:
-        """Workers for every interface of ``cfg``, sources open, not started yet; if one
-        cannot open, none stays open."""
-        workers: list[CaptureWorker] = []
-        try:
-            for iface in self.interfaces_override or cfg.capture.interfaces:
-                workers.append(CaptureWorker(self.source_factory(iface, cfg), iface,
-                                             self._count, cfg.capture.max_sampling))
-        except BaseException:
-            for w in workers:
-                w.source.close()
-            raise
-        return workers
-
-    def _start_captures(self, workers: list[CaptureWorker]) -> None:
-        for w in workers:
-            if self._excluded:
-                w.exclude(self._excluded)
-            w.start()
-        self.workers = workers
-
-    def _stop_captures(self) -> None:
-        for w in self.workers:
-            w.stop()
-        for w in self.workers:
-            w.join(timeout=1.0)
-        self.workers = []
+        return Captures.open(self.interfaces_override or cfg.capture.interfaces, cfg,
+                             self.source_factory, self._count)
 
     def _shutdown(self, flush: bool) -> None:
         self.notifier.stopping()
         if self.fleet is not None:
             self.fleet.stop()
         self.fast.stop()
-        self._stop_captures()
+        self.captures.stop()
         if self.control is not None:
             self.control.close()
         self.metrics.close()
@@ -718,8 +594,8 @@ class Daemon:
         with self.lock:  # the tables of unchanged rules keep their counts
             self.traffic.reconfigure(new)
         if workers is not None:
-            self._stop_captures()
-            self._start_captures(workers)
+            self.captures.stop()
+            self.captures.start(workers)
         self.offences.forget_after = new.firewall.max_ban_time
         if self.state is not None:
             self.state.state_dir = new.daemon.state_dir
@@ -754,7 +630,7 @@ class Daemon:
 
     def _log_sampling(self) -> None:
         """Say when the capture starts, changes or stops sampling."""
-        now = self.sampling
+        now = self.captures.sampling
         if now == self._sampling_logged:
             return
         if now > 1:
@@ -765,37 +641,10 @@ class Daemon:
             self.log.info("capture keeps up again: counting every packet", action="capture")
         self._sampling_logged = now
 
-    def _captures_healthy(self, mono: float) -> bool:
-        return bool(self.workers) and all(w.healthy(mono) for w in self.workers)
-
-    def _capture_problem(self, mono: float) -> str:
-        for w in self.workers:
-            if not w.healthy(mono):
-                return f"{w.interface}: {w.error or 'not reading'}"
-        return "no capture running"
-
-    def capture_stats(self) -> CaptureStats:
-        received = dropped = if_dropped = 0
-        for w in self.workers:
-            s = w.stats()
-            received += s.received
-            dropped += s.dropped
-            if_dropped += s.if_dropped
-        return CaptureStats(received, dropped, if_dropped)
-
-    @property
-    def sampling(self) -> int:
-        """The sparsest kernel sampling of the captures: 1 in this many packets counted."""
-        return max((w.sampling for w in self.workers), default=1)
-
-    @property
-    def excluded(self) -> int:
-        """Banned targets the capture filters keep out (the most over the interfaces)."""
-        return max((w.excluded for w in self.workers), default=0)
-
     def _capture_note(self) -> str:
-        sampled = f", counting 1 in {self.sampling} packets" if self.sampling > 1 else ""
-        excluded = f", {self.excluded} bans kept out of the capture" if self.excluded else ""
+        sampling, excluded_bans = self.captures.sampling, self.captures.excluded
+        sampled = f", counting 1 in {sampling} packets" if sampling > 1 else ""
+        excluded = f", {excluded_bans} bans kept out of the capture" if excluded_bans else ""
         return sampled + excluded
 
     def _status_line(self) -> str:
@@ -829,14 +678,9 @@ class Daemon:
             kind = rule if rule in names else FLEET if is_fleet_rule(rule) else OPERATOR
             label = (kind, scope_label(target.scope))
             bans[label] = bans.get(label, 0) + 1
-        counts = []
-        for w in self.workers:
-            stats = w.stats()
-            counts.append(InterfaceCounts(w.interface, w.packets, stats.received,
-                                          stats.dropped))
         self.metrics.snapshot = Snapshot(
-            interfaces=tuple(counts),
-            sampling=self.sampling, queries=by_qtype, bans=bans,
+            interfaces=self.captures.counts(),
+            sampling=self.captures.sampling, queries=by_qtype, bans=bans,
             max_bans=self.config.firewall.max_bans, dropped_packets=self._dropped,
             table_keys=keys, fast_drop=self.fast.counts)
 
@@ -860,14 +704,15 @@ class Daemon:
         hands changes to the main loop, waiting at most ``REQUEST_TIMEOUT``."""
         req = parse_request(body)
         if isinstance(req, Status):
-            stats = self.capture_stats()
+            stats = self.captures.stats()
             return {"ok": True, "version": __version__, "pid": os.getpid(),
                     "uptime": time.monotonic() - self.started, "backend": self.backend_note,
                     "dry_run": self.dry_run, "interfaces": list(self.interfaces),
                     "pps": self.pps, "packets": self.traffic.packets,
                     "received": stats.received, "kernel_drops": stats.dropped,
                     "bans": len(self.bans), "max_bans": self.config.firewall.max_bans,
-                    "sampling": self.sampling, "excluded": self.excluded,
+                    "sampling": self.captures.sampling,
+                    "excluded": self.captures.excluded,
                     "top": self._top(10), "fleet": self._fleet_status(),
                     "fast_drop": self.fast.status()}
         if isinstance(req, Top):
@@ -1009,11 +854,7 @@ class Daemon:
         banned = [t for t in self.bans.targets() if t.scope.qtype is None]
         self._heat = {t: self._heat.get(t, 0.0) for t in banned}
         lasting = [t for t in banned if self.bans.deadline(t) > horizon]
-        chosen = tuple(sorted(lasting, key=self._heat.__getitem__, reverse=True)[:limit]) \
-            if limit else ()
-        if chosen == self._excluded:
-            return
-        self._excluded = chosen
-        for w in self.workers:
-            w.exclude(chosen)
+        self.captures.exclude(
+            tuple(sorted(lasting, key=self._heat.__getitem__, reverse=True)[:limit])
+            if limit else ())
 
