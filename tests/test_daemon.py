@@ -655,6 +655,16 @@ def test_control_commands_through_the_daemon(dns_lab: Any, floodd: Start,
     assert re.search(r"^203\.0\.113\.50\s+whole source\s+manual\s", bans.stdout, re.M), \
         bans.stdout
     assert daemon.request("status")["bans"] == 1
+    # top's view of the bans, from the mirror: no kernel read in the main loop
+    daemon.request("ban", source="203.0.113.51", seconds=60, reason="second")
+    reply = daemon.request("top", n=1)
+    assert reply["bans_by_rule"] == {"manual": [1, 0], "second": [1, 0]}
+    assert [(b["source"], b["rule"], b["packets"], b["scope"]["text"])
+            for b in reply["newest_bans"]] == [("203.0.113.51/32", "second", 0, "whole source"),
+                                               ("203.0.113.50/32", "manual", 0, "whole source")]
+    assert reply["newest_bans"][0]["since"] >= reply["newest_bans"][1]["since"]
+    daemon.request("unban", source="203.0.113.51")
+    assert daemon.request("top")["bans_by_rule"] == {"manual": [1, 0]}
 
     refused = floodd_cli(dns_lab, cfg, "ban", "127.0.0.1")
     assert refused.returncode == 2

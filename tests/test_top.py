@@ -41,11 +41,13 @@ BANS = [{"source": "198.51.100.7/32", "rule": "query-flood", "since": NOW - 600,
          "packets": 0, "bytes": 0, "scope": WHOLE},
         {"source": "2001:db8:1::7/128", "rule": "query-flood", "since": NOW - 65,
          "expires": NOW + 535, "packets": 40, "bytes": 2400, "scope": ANY_ONLY}]
+BY_RULE = {"query-flood": [2, 120040], "manual": [1, 0]}
 LONG = "2001:db8:ffff:ffff:ffff:ffff:ffff:fff1"
 
 
 def reading(**kw: Any) -> Reading:
-    fields: dict[str, Any] = {"status": STATUS, "top": TOP, "bans": BANS, "drops_per_s": 2.5}
+    fields: dict[str, Any] = {"status": STATUS, "top": TOP, "bans": BANS, "by_rule": BY_RULE,
+                              "drops_per_s": 2.5}
     fields.update(kw)
     return Reading(NOW, 100.0, **fields)
 
@@ -110,9 +112,11 @@ def test_drop_rate_differences_readings_of_one_daemon() -> None:
 
 
 def test_bans_by_rule_and_the_newest_bans() -> None:
-    assert rule_line(BANS) == ("bans by rule: query-flood 2 (120040 dropped), "
-                               "manual 1 (0 dropped)")
-    assert rule_line([]) == "bans by rule: none"
+    assert rule_line(BY_RULE) == ("bans by rule: query-flood 2 (120040 dropped), "
+                                  "manual 1 (0 dropped)")
+    assert rule_line({"b": [1, 5], "a": [1, 0], "c": [3, 0]}) == \
+        "bans by rule: c 3 (0 dropped), a 1 (0 dropped), b 1 (5 dropped)"
+    assert rule_line({}) == "bans by rule: none"
     lines = newest_bans(BANS, NOW, 10)
     assert [line.split()[:4] for line in lines] == [
         ["banned", "source", "rule", "dropped"],

@@ -137,6 +137,10 @@ class BanSet:
         """The rule (or the operator's reason) that made ``target``'s ban."""
         return self._mirror.ban(target).rule
 
+    def since(self, target: Target) -> float:
+        """When ``target``'s ban was made (unix time, as the kernel records it)."""
+        return self._mirror.ban(target).since
+
     def holder(self, network: Network) -> Network | None:
         """The banned prefix ``network`` lies in, if any."""
         return holder(network, (t.network for t in self._mirror))

@@ -13,6 +13,7 @@ Signal handlers only set flags: SIGHUP reloads, SIGTERM/SIGINT stop.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import os
 import queue
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import AbstractSet, Any, Callable, Sequence
 
@@ -63,6 +65,18 @@ REQUEST_TIMEOUT = 8.0
 # Once taken up, a change ends within a few firewall command timeouts.
 CHANGE_TIMEOUT = 30.0
 SWITCH_INTERVAL = 0.001  # seconds: the interpreter's thread switch interval in the daemon
+NEWEST_BANS = 50  # the newest bans a ``top`` reply lists
+
+
+@dataclass(frozen=True)
+class BanView:
+    """The bans as ``top`` shows them, from the mirror (counters of the last rescan):
+    per rule (or operator's reason) how many and the packets they dropped, and the
+    newest bans.  Made by the main loop each tick and read by the control thread, so
+    that ``top --watch`` never has the main loop read the kernel."""
+
+    by_rule: dict[str, tuple[int, int]] = field(default_factory=dict)
+    newest: tuple[dict[str, Any], ...] = ()
 
 
 class _Pending:
@@ -110,6 +124,7 @@ class Daemon:
         self.lock = threading.Lock()
         self.traffic = Traffic(config)
         self.captures = Captures()
+        self.ban_view = BanView()  # replaced whole by the main loop (see BanView)
         self.backend_note = ""
         # The one owner of the bans (the kernel's, mirrored); every ban and unban goes
         # through it.  Its deadlines, like the offences, are on the monotonic clock.
@@ -673,11 +688,19 @@ class Daemon:
             by_qtype[name] = by_qtype.get(name, 0) + n
         names = {rule.name for rule in self.config.rules}
         bans: dict[tuple[str, str], int] = {}
-        for target in self.bans.targets():
+        by_rule: dict[str, tuple[int, int]] = {}
+        targets = self.bans.targets()
+        for target in targets:
             rule = self.bans.rule(target)
             kind = rule if rule in names else FLEET if is_fleet_rule(rule) else OPERATOR
             label = (kind, scope_label(target.scope))
             bans[label] = bans.get(label, 0) + 1
+            count, dropped = by_rule.get(rule, (0, 0))
+            by_rule[rule] = (count + 1, dropped + self.bans.packets(target))
+        newest = heapq.nlargest(NEWEST_BANS, targets, key=self.bans.since)
+        self.ban_view = BanView(by_rule, tuple(
+            {"source": str(t.network), "rule": self.bans.rule(t), "since": self.bans.since(t),
+             "packets": self.bans.packets(t), "scope": t.scope.as_json()} for t in newest))
         self.metrics.snapshot = Snapshot(
             interfaces=self.captures.counts(),
             sampling=self.captures.sampling, queries=by_qtype, bans=bans,
@@ -716,7 +739,10 @@ class Daemon:
                     "top": self._top(10), "fleet": self._fleet_status(),
                     "fast_drop": self.fast.status()}
         if isinstance(req, Top):
-            return {"ok": True, "top": self._top(req.n)}
+            view = self.ban_view
+            return {"ok": True, "top": self._top(req.n),
+                    "bans_by_rule": {rule: list(n) for rule, n in view.by_rule.items()},
+                    "newest_bans": list(view.newest)}
         pending = _Pending(req)
         self.requests.put(pending)
         self._wake.set()
@@ -743,7 +769,10 @@ class Daemon:
             if not pending.claim():
                 continue  # its client was told nothing was done
             try:
-                pending.reply.put(self._change(pending.request))
+                reply = self._change(pending.request)
+                if not isinstance(pending.request, ListBans):
+                    self._publish()  # a ban or unban shows in status, top and metrics at once
+                pending.reply.put(reply)
             except FlooddError as exc:
                 pending.reply.put(refusal(exc))
             except Exception as exc:  # a bug in one request must not end the main loop

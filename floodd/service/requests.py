@@ -5,7 +5,8 @@ one-line error reply) before anything else sees it; the main loop only ever
 receives a valid request.  The wire format (one JSON object per line):
 
 * ``{"cmd": "status"}``
-* ``{"cmd": "top", "n": N}`` (``n`` optional, 1..MAX_TOP, default 20)
+* ``{"cmd": "top", "n": N}`` (``n`` optional, 1..MAX_TOP, default 20): the busiest
+  sources, with the bans per rule and the newest bans from the daemon's mirror
 * ``{"cmd": "bans"}``
 * ``{"cmd": "ban", "source": "198.51.100.7", "seconds": S, "reason": "text",
   "force": false}`` (all but ``source`` optional)
