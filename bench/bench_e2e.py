@@ -421,7 +421,6 @@ def measure(lab: Lab, work: Path, floods: Floods, setup: Setup, scenario: str,
         config = load.lab_config(rundir, [rule(setup.threshold)],
                                  rate_table={"window": WINDOW},
                                  firewall={"rescan_interval": 2},
-                                 capture={"exclude_banned": 64},
                                  fast_drop={"factor": 0 if defender == NO_FAST
                                             else setup.fast_drop})
         fl = load.FlooddProcess(lab, config, rundir / "floodd.service.journal").start()

@@ -114,7 +114,7 @@ class CaptureConfig:
     # The busiest banned sources whose packets the kernel filter keeps from floodd (their
     # drops are read from the ban counters); 0 (the default for now: see the README):
     # every packet reaches floodd.
-    exclude_banned: int = 0
+    exclude_banned: int = 64
     # At most 1 in this many packets counted when floodd cannot count them all (a power of
     # two; 1: never sample, the kernel drops what floodd cannot read).
     max_sampling: int = 64

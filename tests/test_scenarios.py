@@ -320,13 +320,11 @@ LINE_RULES = [{"name": "query-flood", "match": "all", "aggregate": "source",
 # capture).
 SLOW_TICK = {"tick": 30}
 LINE_FIREWALL = {"rescan_interval": 2, "stale_after": 5}
-LINE_CAPTURE = {"exclude_banned": 64}
 
 
 def test_a_crossing_is_banned_at_once_not_at_the_next_tick(lab: Lab, floodd: Start,
                                                           tmp_path: Path) -> None:
-    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL,
-                    capture=LINE_CAPTURE)
+    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL)
     watcher = load.BanWatcher(lab, interval=0.02, limit=30).start()
     try:
         flooder = load.Dnsperf(lab, "203.0.113.41", tmp_path, duration=4,
@@ -351,8 +349,7 @@ def test_a_banned_flood_leaves_the_capture(lab: Lab, wire: load.Wire, floodd: St
     load.add_address(lab, source)  # the server's answers need the flooder's neighbour entry
     capture = load.write_frames(tmp_path / "flood.pcap",
                                 load.query_frames(wire, source, 20_000))
-    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL,
-                    capture=LINE_CAPTURE)
+    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL)
     watcher = load.BanWatcher(lab, interval=0.05, limit=30).start()
     flood = load.Replay(lab, capture, pps=60_000, loops=25, duration=8).start()
     try:
@@ -383,8 +380,7 @@ def test_an_unbanned_source_is_captured_again(lab: Lab, wire: load.Wire, floodd:
     load.add_address(lab, source)
     capture = load.write_frames(tmp_path / "flood.pcap",
                                 load.query_frames(wire, source, 20_000))
-    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL,
-                    capture=LINE_CAPTURE)
+    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL)
     watcher = load.BanWatcher(lab, interval=0.05, limit=30).start()
     flood = load.Replay(lab, capture, pps=20_000, loops=10, duration=8).start()
     try:
@@ -412,8 +408,7 @@ def test_a_flooder_hidden_in_a_random_source_flood_is_banned(lab: Lab, wire: loa
     frames = load.interleave(load.spoofed_frames(wire, 120_000, seed=7),
                              load.query_frames(wire, flooder, 10_000))
     capture = load.write_frames(tmp_path / "random.pcap", frames)
-    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL,
-                    capture=LINE_CAPTURE)
+    daemon = floodd(rules=LINE_RULES, daemon=SLOW_TICK, firewall=LINE_FIREWALL)
     watcher = load.BanWatcher(lab, interval=0.05, limit=30).start()
     flood = load.Replay(lab, capture, loops=20, duration=8).start()
     try:
