@@ -125,8 +125,9 @@ def read(socket_path: str, n: int, before: Reading | None, wall: float,
         reply = request(socket_path, "top", timeout=timeout, n=n)
     except Failure as exc:
         return Reading(wall, mono, error=str(exc))
-    return Reading(wall, mono, status, reply["top"], reply["newest_bans"],
-                   reply["bans_by_rule"], drop_rate(before, status, mono))
+    # A daemon older than this command sends no bans with ``top``: shown as none.
+    return Reading(wall, mono, status, reply["top"], reply.get("newest_bans", []),
+                   reply.get("bans_by_rule", {}), drop_rate(before, status, mono))
 
 
 # --- what a reading shows --------------------------------------------------------------------
